@@ -1,0 +1,15 @@
+"""Sequential Reptile (Lee et al., ICLR 2022) and its baselines for PyTorch."""
+
+from torch_seqreptile.reptile import Reptile
+from torch_seqreptile.sampling import MultiTaskBatchSampler, TaskBatchSampler, task_probabilities
+from torch_seqreptile.seqreptile import SeqReptile
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MultiTaskBatchSampler",
+    "Reptile",
+    "SeqReptile",
+    "TaskBatchSampler",
+    "task_probabilities",
+]
