@@ -15,8 +15,6 @@ host and device.
 Paths (``impl``):
 
 * ``"foreach"``: ``torch._foreach_*`` over tensors grouped by device and dtype (default).
-* ``"chunked"``: the same kernels on cache-sized slices, so the final copy reads ``slow``
-  from cache instead of memory.
 * ``"compiled"``: the foreach function through ``torch.compile``, which fuses the update and
   both writes into one pass over memory.
 * ``"per_tensor"``: a plain loop; also the path used when ``slow`` and ``fast`` live on
@@ -27,16 +25,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Literal
 
 import torch
 from torch import Tensor
 
-OuterImpl = Literal["foreach", "chunked", "compiled", "per_tensor"]
-OUTER_IMPLS: tuple[str, ...] = ("foreach", "chunked", "compiled", "per_tensor")
-
-# Elements per slice of the chunked path: three float32 slices of this size fit in L2.
-CHUNK_NUMEL = 1 << 16
+OUTER_IMPLS: tuple[str, ...] = ("foreach", "compiled", "per_tensor")
 
 
 def _update_foreach(
@@ -87,48 +80,8 @@ def _compiled_update() -> Callable[..., None]:
     return torch.compile(_update_foreach, fullgraph=True, dynamic=False)
 
 
-def _slices(tensors: list[Tensor], chunk_numel: int) -> list[list[Tensor]]:
-    """Cut flat views of ``tensors`` into batches of at most ``chunk_numel`` elements."""
-    batches: list[list[Tensor]] = []
-    batch: list[Tensor] = []
-    filled = 0
-    for tensor in tensors:
-        flat = tensor.view(-1)
-        start = 0
-        while start < flat.numel():
-            piece = flat[start : start + chunk_numel - filled]
-            batch.append(piece)
-            filled += piece.numel()
-            start += piece.numel()
-            if filled == chunk_numel:
-                batches.append(batch)
-                batch, filled = [], 0
-    if batch:
-        batches.append(batch)
-    return batches
-
-
-def _update_chunked(
-    slow: list[Tensor],
-    target: list[Tensor],
-    fast: list[Tensor],
-    buffers: list[Tensor],
-    outer_lr: float,
-    momentum: float,
-    nesterov: bool,
-) -> None:
-    if not all(t.is_contiguous() for t in (*slow, *target, *fast, *buffers)):
-        _update_foreach(slow, target, fast, buffers, outer_lr, momentum, nesterov)
-        return
-    sliced = [_slices(ts, CHUNK_NUMEL) for ts in (slow, target, fast)]
-    sliced_buffers = _slices(buffers, CHUNK_NUMEL) if buffers else [[]] * len(sliced[0])
-    for s, t, f, b in zip(*sliced, sliced_buffers):
-        _update_foreach(s, t, f, b, outer_lr, momentum, nesterov)
-
-
 _KERNELS: dict[str, Callable[..., None]] = {
     "foreach": _update_foreach,
-    "chunked": _update_chunked,
     "per_tensor": _update_per_tensor,
 }
 

@@ -70,6 +70,7 @@ class _TaskSampler(Sampler[list[int]]):
         self.generator = torch.Generator().manual_seed(self.seed)
         self.permutations: list[Tensor] = [torch.empty(0, dtype=torch.long)] * len(self.task_sizes)
         self.positions = [0] * len(self.task_sizes)
+        self.batches_in_epoch = 0  # batches of the current __iter__ pass already yielded
 
     def __len__(self) -> int:
         return self.num_batches
@@ -93,6 +94,16 @@ class _TaskSampler(Sampler[list[int]]):
         chosen = self.permutations[task][start : start + wanted][self.rank :: self.world_size]
         return (chosen + self.offsets[task]).tolist()
 
+    def _next_batch(self) -> list[int]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[list[int]]:
+        """The rest of the current pass of ``len(self)`` batches (all of it unless resumed)."""
+        while self.batches_in_epoch < self.num_batches:
+            self.batches_in_epoch += 1
+            yield self._next_batch()
+        self.batches_in_epoch = 0
+
     def _draw_tasks(self, count: int) -> list[int]:
         drawn = torch.multinomial(
             self.probabilities, count, replacement=False, generator=self.generator
@@ -106,6 +117,7 @@ class _TaskSampler(Sampler[list[int]]):
             "generator": self.generator.get_state(),
             "permutations": list(self.permutations),
             "positions": list(self.positions),
+            "batches_in_epoch": self.batches_in_epoch,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -122,6 +134,7 @@ class _TaskSampler(Sampler[list[int]]):
         self.generator.set_state(state_dict["generator"])
         self.permutations = [p.clone() for p in state_dict["permutations"]]
         self.positions = [int(p) for p in state_dict["positions"]]
+        self.batches_in_epoch = int(state_dict["batches_in_epoch"])
 
 
 class TaskBatchSampler(_TaskSampler):
@@ -132,7 +145,8 @@ class TaskBatchSampler(_TaskSampler):
         batch_size: examples per batch (per rank).
         q: exponent of p_t ∝ N_t^q (paper: 1/5); 1 is proportional, 0 uniform.
         seed: seed of the task draws and the shuffles; all ranks must use the same one.
-        num_batches: batches per ``__iter__`` (default: sum(N) // (batch_size·world_size)).
+        num_batches: batches per ``__iter__`` pass (default: sum(N) // (batch_size·world_size)).
+            A pass resumed from ``state_dict`` yields only the batches it had left.
         task_order: ``"random"`` (Sequential Reptile: i.i.d. tasks) or ``"cyclic"`` (tasks
             0, 1, ..., T-1 in turn, skipping empty ones: the order :class:`Reptile` needs).
         steps_per_task: consecutive batches from each drawn task (``inner_steps`` for Reptile).
@@ -177,9 +191,8 @@ class TaskBatchSampler(_TaskSampler):
         self.block_left -= 1
         return self.block_task
 
-    def __iter__(self) -> Iterator[list[int]]:
-        for _ in range(self.num_batches):
-            yield self._take(self._next_task())
+    def _next_batch(self) -> list[int]:
+        return self._take(self._next_task())
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -219,7 +232,6 @@ class MultiTaskBatchSampler(_TaskSampler):
         nonempty = sum(1 for n in self.task_sizes if n > 0)
         self.tasks_per_step = min(check_int("tasks_per_step", tasks_per_step, 1), nonempty)
 
-    def __iter__(self) -> Iterator[list[int]]:
-        for _ in range(self.num_batches):
-            tasks = sorted(self._draw_tasks(self.tasks_per_step))
-            yield [index for task in tasks for index in self._take(task)]
+    def _next_batch(self) -> list[int]:
+        tasks = sorted(self._draw_tasks(self.tasks_per_step))
+        return [index for task in tasks for index in self._take(task)]

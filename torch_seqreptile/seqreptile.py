@@ -37,7 +37,7 @@ class SeqReptile(SlowWeightsOptimizer):
             counts) at every outer update. Default ``False`` keeps it across trajectories.
         slow_device: where phi lives (e.g. ``"cpu"`` for a GPU model); default: with
             each parameter.
-        outer_impl: kernel of the outer update: ``"foreach"`` (default), ``"chunked"``,
+        outer_impl: kernel of the outer update: ``"foreach"`` (default),
             ``"compiled"`` (``torch.compile``, one pass over memory; compiles on first
             use), or ``"per_tensor"``. All agree to rounding.
         reject_nonfinite: raise ``ValueError`` before an inner step whose gradients contain

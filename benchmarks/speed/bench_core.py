@@ -1,0 +1,167 @@
+"""Speed of SeqReptile's wrapper and outer update, as ratios measured side by side.
+
+(a) step time of SeqReptile on a non-outer step over the bare fused AdamW step, on an MLP of
+    about 0.5M parameters (goal <= 1.02);
+(b) the outer update of each ``outer_impl`` on a multilingual-BERT-sized parameter list
+    (~178M parameters in 199 tensors) over one fused AdamW step on the same list
+    (goal <= 0.65 for the fastest path; memory-traffic bound 4/7 ~= 0.57).
+
+Run: ``python -m benchmarks.speed.bench_core [--quick]``. Writes
+``benchmarks/results/core_speed.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from torch_seqreptile import SeqReptile
+from torch_seqreptile._interpolate import OUTER_IMPLS, outer_update_
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+def mbert_shapes(vocab: int = 119_547, layers: int = 12) -> list[tuple[int, ...]]:
+    """Parameter shapes of bert-base-multilingual-cased: 199 tensors, ~178M parameters."""
+    h, f = 768, 3072
+    shapes: list[tuple[int, ...]] = [(vocab, h), (512, h), (2, h), (h,), (h,)]
+    for _ in range(layers):
+        shapes += [(h, h), (h,)] * 4 + [(h,), (h,), (f, h), (f,), (h, f), (h,), (h,), (h,)]
+    return [*shapes, (h, h), (h,)]
+
+
+def seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``fn`` over ``repeats`` calls."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def side_by_side(
+    candidate: Callable[[], object], baseline: Callable[[], object], rounds: int, repeats: int
+) -> dict[str, float]:
+    """Median over ``rounds`` of (candidate time / baseline time), each timed back to back."""
+    ratios, cand, base = [], [], []
+    baseline()  # warm-up: lazy state, allocator, first-call dispatch
+    candidate()
+    for _ in range(rounds):
+        b = seconds(baseline, repeats)
+        c = seconds(candidate, repeats)
+        ratios.append(c / b)
+        cand.append(c)
+        base.append(b)
+    return {
+        "ratio": statistics.median(ratios),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+        "candidate_s": statistics.median(cand),
+        "baseline_s": statistics.median(base),
+    }
+
+
+def wrapper_overhead(rounds: int, repeats: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(512, 512), nn.GELU(), nn.Linear(512, 512), nn.Linear(512, 10))
+    for p in mlp.parameters():
+        p.grad = torch.randn_like(p)
+    # Both optimizers update the same tensors, so memory layout cannot favour either.
+    bare = torch.optim.AdamW(mlp.parameters(), lr=1e-4, fused=True)
+    # inner_steps larger than any step count here: every timed step is a non-outer step.
+    wrapped = SeqReptile(torch.optim.AdamW(mlp.parameters(), lr=1e-4, fused=True), 10**9, 0.1)
+    wrapped.step()  # slow copies are created on the first step
+    result = side_by_side(wrapped.step, bare.step, rounds, repeats)
+    result["parameters"] = sum(p.numel() for p in mlp.parameters())
+    return result
+
+
+def outer_update_ratios(
+    rounds: int, repeats: int, shapes: list[tuple[int, ...]]
+) -> dict[str, dict[str, float]]:
+    torch.manual_seed(0)
+    params = [torch.randn(s) for s in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    slow = [p.clone() for p in params]
+    adamw = torch.optim.AdamW(params, lr=1e-5, fused=True)
+    adamw.step()
+    results: dict[str, dict[str, float]] = {}
+    numel = sum(p.numel() for p in params)
+    copy_result = side_by_side(
+        lambda: torch._foreach_copy_(params, slow), adamw.step, rounds, repeats
+    )
+    copy_result["gb_per_s"] = 2 * 4 * numel / copy_result["candidate_s"] / 1e9
+    results["copy (reference: 2 tensors of traffic)"] = copy_result
+    for impl in OUTER_IMPLS:
+
+        def update(impl: str = impl) -> None:
+            outer_update_(slow, params, params, [], outer_lr=0.1, impl=impl)
+
+        start = time.perf_counter()
+        update()  # warm-up; compiles the "compiled" path
+        first_call = time.perf_counter() - start
+        result = side_by_side(update, adamw.step, rounds, repeats)
+        result["first_call_s"] = first_call
+        result["gb_per_s"] = 4 * 4 * numel / result["candidate_s"] / 1e9  # read 2, write 2
+        results[impl] = result
+    results["_meta"] = {"parameters": numel, "tensors": len(params)}
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one round (smoke test)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rounds, repeats = (1, 2) if args.quick else (7, 50)
+    shapes = mbert_shapes(vocab=1000, layers=1) if args.quick else mbert_shapes()
+    report = {
+        "machine": {
+            "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
+        "wrapper_overhead": wrapper_overhead(rounds, repeats),
+        "outer_update": outer_update_ratios(rounds, 1 if args.quick else 5, shapes),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "core_speed_quick" if args.quick else "core_speed"
+    (args.out / f"{name}.json").write_text(json.dumps(report, indent=2))
+    lines = [
+        f"Machine: {report['machine']}",
+        "",
+        "| measurement | ratio (median) | min-max | candidate | baseline |",
+        "|---|---|---|---|---|",
+    ]
+    w = report["wrapper_overhead"]
+    lines.append(
+        f"| SeqReptile non-outer step / fused AdamW step ({w['parameters'] / 1e6:.2f}M params) "
+        f"| {w['ratio']:.3f} | {w['ratio_min']:.3f}-{w['ratio_max']:.3f} "
+        f"| {w['candidate_s'] * 1e6:.0f} us | {w['baseline_s'] * 1e6:.0f} us |"
+    )
+    meta = report["outer_update"].pop("_meta")
+    for impl, r in report["outer_update"].items():
+        lines.append(
+            f"| {impl} / fused AdamW step ({meta['parameters'] / 1e6:.1f}M params, "
+            f"{meta['tensors']} tensors) | {r['ratio']:.3f} | {r['ratio_min']:.3f}-{r['ratio_max']:.3f} "
+            f"| {r['candidate_s'] * 1e3:.1f} ms ({r['gb_per_s']:.1f} GB/s) | {r['baseline_s'] * 1e3:.1f} ms |"
+        )
+    (args.out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
