@@ -1,5 +1,7 @@
 """Sequential Reptile (Lee et al., ICLR 2022) and its baselines for PyTorch."""
 
+from torch_seqreptile import surgery
+from torch_seqreptile.recadam import RecAdam
 from torch_seqreptile.reptile import Reptile
 from torch_seqreptile.sampling import MultiTaskBatchSampler, TaskBatchSampler, task_probabilities
 from torch_seqreptile.seqreptile import SeqReptile
@@ -8,8 +10,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MultiTaskBatchSampler",
+    "RecAdam",
     "Reptile",
     "SeqReptile",
     "TaskBatchSampler",
+    "surgery",
     "task_probabilities",
 ]

@@ -1,0 +1,203 @@
+"""Step time of each surgery method relative to MTL (T = 8, small transformer encoder), and
+peak extra CPU memory of ``backward`` against a naive flatten-and-copy PCGrad.
+
+Run: ``python benchmarks/speed/bench_surgery.py [--rounds N] [--threads N]``. Prints and
+writes ``benchmarks/results/surgery_speed.{json,md}``. Timings are medians over rounds that
+interleave the methods in one process. Memory is measured with the torch profiler's CPU
+allocation events (every allocation and free of torch's CPU allocator, with sizes): the
+peak of live bytes during the call minus the bytes live at its start, in units of the
+shared parameters' size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+from torch_seqreptile.surgery import MGDA, MTL, CAGrad, GradNorm, GradVac, PCGrad
+
+TASKS = 8
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+class Encoder(nn.Module):
+    def __init__(self, vocab: int = 2000, dim: int = 64, layers: int = 2, tasks: int = TASKS):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        layer = nn.TransformerEncoderLayer(dim, 4, 4 * dim, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.heads = nn.ModuleList(nn.Linear(dim, 3) for _ in range(tasks))
+
+    def forward(self, tokens: torch.Tensor, task: int) -> torch.Tensor:
+        return self.heads[task](self.encoder(self.embed(tokens)).mean(1))
+
+
+def make(name: str, model: Encoder):
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    layers = [list(layer.parameters()) for layer in model.encoder.layers]
+    return {
+        "MTL": lambda: MTL(inner, num_tasks=TASKS),
+        "PCGrad": lambda: PCGrad(inner, num_tasks=TASKS, seed=0),
+        "GradVac": lambda: GradVac(inner, 0.01, layers=layers, num_tasks=TASKS, seed=0),
+        "GradNorm": lambda: GradNorm(
+            inner, TASKS, 1.5, layer=model.encoder.layers[-1].linear2.weight
+        ),
+        "CAGrad": lambda: CAGrad(inner, 0.4, num_tasks=TASKS),
+        "MGDA": lambda: MGDA(inner, num_tasks=TASKS),
+    }[name]()
+
+
+def batches(step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(step)
+    return [
+        (torch.randint(2000, (4, 16), generator=gen), torch.randint(3, (4,), generator=gen))
+        for _ in range(TASKS)
+    ]
+
+
+def losses_of(model: Encoder, data) -> list[torch.Tensor]:
+    return [nn.functional.cross_entropy(model(x, t), y) for t, (x, y) in enumerate(data)]
+
+
+def naive_pcgrad_backward(model: Encoder, losses: list[torch.Tensor]) -> None:
+    """The common flatten-and-copy implementation: flat per-task vectors, stacked, cloned."""
+    params = list(model.parameters())
+    flats = []
+    for t, loss in enumerate(losses):
+        grads = torch.autograd.grad(
+            loss, params, retain_graph=t < len(losses) - 1, allow_unused=True
+        )
+        flats.append(
+            torch.cat(
+                [
+                    (torch.zeros_like(p) if g is None else g).reshape(-1)
+                    for p, g in zip(params, grads)
+                ]
+            )
+        )
+        del grads
+    grads_matrix = torch.stack(flats)
+    del flats
+    projected = grads_matrix.clone()
+    for i in range(len(losses)):
+        for j in torch.randperm(len(losses)).tolist():
+            dot = projected[i] @ grads_matrix[j]
+            if j != i and dot < 0:
+                projected[i] -= dot / (grads_matrix[j] @ grads_matrix[j]) * grads_matrix[j]
+    combined = projected.sum(0)
+    offset = 0
+    for p in params:
+        p.grad = combined[offset : offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+
+
+def peak_extra_bytes(fn) -> int:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]"
+    )
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    names = ["MTL", "PCGrad", "GradVac", "GradNorm", "CAGrad", "MGDA"]
+    torch.manual_seed(0)
+    base = Encoder()
+    shared_bytes = sum(
+        p.numel() * p.element_size()
+        for n, p in base.named_parameters()
+        if not n.startswith("heads")
+    )
+    setups = {}
+    for name in names:
+        model = Encoder()
+        model.load_state_dict(base.state_dict())
+        setups[name] = (model, make(name, model))
+
+    def one_step(name: str, step: int) -> float:
+        model, opt = setups[name]
+        data = batches(step)
+        start = time.perf_counter()
+        opt.zero_grad()
+        opt.backward(losses_of(model, data))
+        opt.step()
+        return time.perf_counter() - start
+
+    for name in names:  # warm-up
+        one_step(name, 0)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(args.rounds):
+        for name in names if r % 2 == 0 else reversed(names):
+            times[name].append(one_step(name, r + 1))
+    median = {name: statistics.median(v) for name, v in times.items()}
+
+    memory = {}
+    for name in [*names, "naive PCGrad (flatten+copy)", "plain sum(losses).backward()"]:
+        model = Encoder()
+        model.load_state_dict(base.state_dict())
+        losses = losses_of(model, batches(99))
+        if name.startswith("naive"):
+            fn = lambda m=model, ls=losses: naive_pcgrad_backward(m, ls)  # noqa: E731
+        elif name.startswith("plain"):
+            fn = lambda ls=losses: torch.stack(ls).sum().backward()  # noqa: E731
+        else:
+            opt = make(name, model)
+            fn = lambda o=opt, ls=losses: o.backward(ls)  # noqa: E731
+        memory[name] = peak_extra_bytes(fn) / shared_bytes
+
+    result = {
+        "machine": platform.platform(),
+        "processor": platform.processor(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "tasks": TASKS,
+        "shared_params": shared_bytes // 4,
+        "rounds": args.rounds,
+        "step_seconds_median": median,
+        "step_time_ratio_vs_mtl": {n: median[n] / median["MTL"] for n in names},
+        "peak_extra_memory_in_shared_param_sizes": memory,
+    }
+    lines = [
+        "# Surgery methods: speed and memory (T = 8, small transformer encoder)",
+        "",
+        f"{result['machine']}, torch {result['torch']}, {result['threads']} thread(s), "
+        f"{result['shared_params']} shared parameters, median of {args.rounds} interleaved rounds.",
+        "",
+        "| method | step time (ms) | ratio vs MTL |",
+        "|---|---|---|",
+        *[f"| {n} | {1e3 * median[n]:.1f} | {median[n] / median['MTL']:.2f} |" for n in names],
+        "",
+        "| backward of | peak extra memory (× shared parameters) |",
+        "|---|---|",
+        *[f"| {n} | {v:.2f} |" for n, v in memory.items()],
+        "",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "surgery_speed.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / "surgery_speed.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""PCGrad: projecting conflicting gradients (Yu et al., NeurIPS 2020)."""
+
+from __future__ import annotations
+
+import numpy as np
+from torch.optim import Optimizer
+
+from torch_seqreptile.surgery._base import Array, GradientCombiner, random_orders
+
+
+def pcgrad_weights(gram: Array, orders: list[list[int]]) -> Array:
+    r"""PCGrad (Yu et al., 2020, Algorithm 1) on the Gramian ``gram[i, j] = <g_i, g_j>``.
+
+    Lines 3-6: for each task i, ``g_i^PC <- g_i``; for each other task j in ``orders[i]``, if
+    :math:`\langle g_i^{PC}, g_j\rangle < 0` then
+    :math:`g_i^{PC} \leftarrow g_i^{PC} - \frac{\langle g_i^{PC}, g_j\rangle}{\|g_j\|^2} g_j`
+    (projection onto the normal plane of the *original* g_j). Line 7: the update is
+    :math:`\sum_i g_i^{PC}`.
+
+    Every ``g_i^PC`` is a linear combination ``sum_m C[i, m] g_m`` of the original gradients,
+    so only the T×T coefficient matrix C is tracked: ``<g_i^PC, g_j> = (C @ gram)[i, j]``.
+    Returns the weights ``w = 1ᵀ C`` of the update ``sum_m w_m g_m``. A zero ``g_j`` is never
+    projected on.
+    """
+    num_tasks = gram.shape[0]
+    coef = np.eye(num_tasks)
+    for i in range(num_tasks):
+        for j in orders[i]:
+            dot = float(coef[i] @ gram[:, j])
+            if dot < 0.0 and gram[j, j] > 0.0:
+                coef[i, j] -= dot / gram[j, j]
+    return np.asarray(coef.sum(axis=0), dtype=np.float64)
+
+
+class PCGrad(GradientCombiner):
+    r"""PCGrad (Yu et al., "Gradient Surgery for Multi-Task Learning", NeurIPS 2020).
+
+    Each task gradient is projected onto the normal plane of every other task gradient it
+    conflicts with (negative inner product), visiting the other tasks in a random order; the
+    shared parameters get the sum of the projected gradients (:func:`pcgrad_weights`), heads
+    their own gradient. For two tasks the update never conflicts with either task gradient.
+
+    The random order comes from a ``torch.Generator`` seeded with ``seed`` (default
+    ``torch.initial_seed()``); for task i it is ``randperm(T)`` with i removed, drawn for
+    i = 0..T-1 at every ``backward``. Its state is in ``state_dict``.
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer``.
+        num_tasks: T; if omitted, fixed by the first ``backward`` call.
+        seed: seed of the projection order.
+
+    Cost: T backward passes, T gradients of the shared parameters in memory, the Gramian
+    (T² inner products) and an O(T³) loop on the CPU.
+    """
+
+    uses_rng = True
+
+    def __init__(
+        self, optimizer: Optimizer, *, num_tasks: int | None = None, seed: int | None = None
+    ) -> None:
+        super().__init__(optimizer, num_tasks=num_tasks, seed=seed)
+
+    def _weights(self, grams: Array, active: list[int], losses: Array) -> Array:
+        assert self.generator is not None
+        orders = random_orders(grams.shape[-1], self.generator)
+        return pcgrad_weights(grams[0], orders)[None, :]
