@@ -13,6 +13,7 @@ from torch.optim import Optimizer
 from torch_seqreptile._interpolate import OUTER_IMPLS, outer_update_
 from torch_seqreptile._validation import check_float, check_int
 from torch_seqreptile._wrapper import OptimizerWrapper, clone_to
+from torch_seqreptile.distributed import local_tensor
 
 
 class SlowWeightsOptimizer(OptimizerWrapper):
@@ -142,11 +143,12 @@ class SlowWeightsOptimizer(OptimizerWrapper):
                     self.outer_buffers[i] = torch.zeros_like(self.slow[i])
         buffers = [self.outer_buffers[i] for i in indices] if self.outer_momentum > 0 else []
         targets = fast if target is None else [target[i] for i in indices]
+        # FSDP2 (DTensor) parameters: update the local shards, which share one sharding.
         outer_update_(
-            slow,
-            targets,
-            fast,
-            buffers,
+            [local_tensor(t) for t in slow],
+            [local_tensor(t) for t in targets],
+            [local_tensor(t) for t in fast],
+            [local_tensor(t) for t in buffers],
             outer_lr=self.outer_lr,
             momentum=self.outer_momentum,
             nesterov=self.nesterov,
