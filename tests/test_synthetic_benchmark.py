@@ -22,8 +22,10 @@ def test_losses_have_their_minima_at_the_paper_points() -> None:
 
 def test_fast_configuration_writes_table_json_and_figure(tmp_path: Path) -> None:
     result = experiment.main(
-        ["--budget", "90", "--inner-steps", "5", "--sweep-budgets", "30", "60"]
-        + ["--out", str(tmp_path), "--name", "fast"]
+        [
+            *("--budget", "90", "--inner-steps", "5", "--sweep-budgets", "30", "60"),
+            *("--out", str(tmp_path), "--name", "fast"),
+        ]
     )
     summary = result["summary"]
     assert list(summary) == [f"STL (task {t})" for t in (1, 2, 3)] + METHODS[1:]

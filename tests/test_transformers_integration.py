@@ -1,0 +1,313 @@
+"""SeqReptileTrainer end to end with a tiny local BERT: single-task batches, slow-weight
+checkpoints, exact resume from inside a trajectory, and probe logging."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from safetensors.torch import load_file  # noqa: E402
+from torch.utils.data import ConcatDataset, Dataset  # noqa: E402
+
+from torch_seqreptile.integrations.transformers import (  # noqa: E402
+    ProbeCallback,
+    SeqReptileTrainer,
+    find_slow_optimizer,
+)
+from torch_seqreptile.probes import l2_distance  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+TASK_SIZES = [20, 12, 8]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Any:
+    """Tiny models: one intra-op thread is fastest (and robust on a busy 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+SEQ = 6
+
+
+class TaskData(Dataset[dict[str, Any]]):
+    """Task t: token sequences whose label is a task-specific rule."""
+
+    def __init__(self, task: int, size: int) -> None:
+        g = torch.Generator().manual_seed(100 + task)
+        self.ids = torch.randint(5, 40, (size, SEQ), generator=g)
+        self.labels = ((self.ids.sum(1) + task) % 2).long()
+        self.task = task
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"input_ids": self.ids[i], "labels": self.labels[i], "task": self.task}
+
+
+class RecordingCollator:
+    """Stacks a batch and records the task of every example (then drops the field)."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        self.batches.append([f["task"] for f in features])
+        return {
+            "input_ids": torch.stack([f["input_ids"] for f in features]),
+            "attention_mask": torch.ones(len(features), SEQ, dtype=torch.long),
+            "labels": torch.stack([f["labels"] for f in features]),
+        }
+
+
+def tiny_bert() -> Any:
+    config = transformers.BertConfig(
+        vocab_size=40,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=2,
+        hidden_dropout_prob=0.1,  # dropout on: the resumed run must restore the RNG too
+    )
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(config)
+
+
+def train_dataset() -> ConcatDataset[dict[str, Any]]:
+    return ConcatDataset([TaskData(t, n) for t, n in enumerate(TASK_SIZES)])
+
+
+def make_trainer(
+    out: Path, max_steps: int, collator: RecordingCollator | None = None, **kwargs: Any
+) -> Any:
+    grad_accum = kwargs.pop("gradient_accumulation_steps", 1)
+    callbacks = kwargs.pop("callbacks", None)
+    args = transformers.TrainingArguments(
+        output_dir=str(out),
+        max_steps=max_steps,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=grad_accum,
+        learning_rate=5e-3,
+        lr_scheduler_type="linear",
+        save_strategy="steps",
+        save_steps=kwargs.pop("save_steps", 1000),
+        logging_steps=1000,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    return SeqReptileTrainer(
+        model=tiny_bert(),
+        args=args,
+        train_dataset=train_dataset(),
+        eval_dataset=TaskData(0, 8),
+        data_collator=collator or RecordingCollator(),
+        callbacks=callbacks,
+        inner_steps=4,
+        outer_lr=0.5,
+        num_batches=kwargs.pop("num_batches", 4),  # several Trainer epochs in 10 steps
+        **kwargs,
+    )
+
+
+def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+class Snapshot(transformers.TrainerCallback):  # type: ignore[misc]
+    """Records phi and theta after a given step."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.phi: dict[int, torch.Tensor] = {}
+        self.theta: dict[str, torch.Tensor] = {}
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step == self.step:
+            opt = find_slow_optimizer(kwargs["optimizer"])
+            assert opt is not None
+            self.phi = {i: t.clone() for i, t in opt.slow.items()}
+            self.theta = weights(kwargs["model"])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("full")
+    collator = RecordingCollator()
+    snap = Snapshot(6)
+    trainer = make_trainer(out, 10, collator, save_steps=6, callbacks=[snap])
+    trainer.train()
+    return {"out": out, "collator": collator, "trainer": trainer, "snap": snap}
+
+
+def test_single_task_batches_and_outer_updates(uninterrupted: dict[str, Any]) -> None:
+    # the DataLoader may prefetch one batch beyond the last step
+    batches = uninterrupted["collator"].batches
+    assert len(batches) in (10, 11)
+    assert all(len(set(b)) == 1 and len(b) == 4 for b in batches)
+    assert len({b[0] for b in batches}) > 1  # several tasks were drawn
+    opt = uninterrupted["trainer"].seqreptile
+    assert opt.num_steps == 10
+    assert opt.trajectory_step == 0  # finalize=True ended the last (partial) trajectory
+    params = list(opt.params())
+    for i, slow in opt.slow.items():  # the model holds phi at the end
+        assert torch.equal(params[i].detach(), slow)
+
+
+def test_checkpoint_inside_trajectory_holds_phi_and_theta(uninterrupted: dict[str, Any]) -> None:
+    ckpt = uninterrupted["out"] / "checkpoint-6"
+    snap = uninterrupted["snap"]
+    trainer = uninterrupted["trainer"]
+    saved = load_file(str(ckpt / "model.safetensors"))
+    # SeqReptile indexes parameters in the optimizer's order (the Trainer's decay groups)
+    by_id = {id(p): n for n, p in trainer.model.named_parameters()}
+    names = [by_id[id(p)] for p in trainer.seqreptile.params()]
+    # the model file holds phi (6 % 4 = 2: inside the second trajectory, phi != theta)
+    moved = 0
+    for i, phi in snap.phi.items():
+        assert torch.equal(saved[names[i]], phi)
+        moved += int(not torch.equal(phi, snap.theta[names[i]]))
+    assert moved > 0
+    state = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    assert state["trajectory_step"] == 2 and state["num_steps"] == 6
+    for i, theta in state["fast"].items():
+        assert torch.equal(theta, snap.theta[names[i]])
+
+
+def test_resume_equals_uninterrupted_run(uninterrupted: dict[str, Any], tmp_path: Path) -> None:
+    collator = RecordingCollator()
+    trainer = make_trainer(tmp_path, 10, collator)
+    trainer.train(resume_from_checkpoint=str(uninterrupted["out"] / "checkpoint-6"))
+    expected = uninterrupted["trainer"].model.state_dict()
+    got = trainer.model.state_dict()
+    assert expected.keys() == got.keys()
+    for k in expected:
+        assert torch.equal(got[k], expected[k]), k
+    # the resumed run saw exactly the batches the uninterrupted one saw after step 6
+    assert collator.batches == uninterrupted["collator"].batches[6:]
+    a, b = uninterrupted["trainer"].seqreptile, trainer.seqreptile
+    assert a.num_steps == b.num_steps == 10
+    for i in a.slow:
+        assert torch.equal(a.slow[i], b.slow[i])
+
+
+def test_evaluate_and_save_use_slow_weights(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path, 6, finalize=False)
+    trainer.train()
+    opt = trainer.seqreptile
+    assert opt.trajectory_step == 2
+    theta = weights(trainer.model)
+    metrics = trainer.evaluate()
+    assert all(torch.equal(theta[k], v) for k, v in weights(trainer.model).items())
+    # evaluate on phi by hand: loss of the eval set with phi in the model
+    with opt.slow_weights():
+        phi = weights(trainer.model)
+        trainer.model.eval()
+        batch = RecordingCollator()([trainer.eval_dataset[i] for i in range(8)])
+        with torch.no_grad():
+            loss = float(trainer.model(**batch).loss)
+    assert metrics["eval_loss"] == pytest.approx(loss, rel=1e-5)
+    trainer.save_model(str(tmp_path / "final"))
+    saved = load_file(str(tmp_path / "final" / "model.safetensors"))
+    assert all(torch.equal(saved[k], phi[k]) for k in phi)
+    assert any(not torch.equal(phi[k], theta[k]) for k in phi)
+
+
+def test_gradient_accumulation_keeps_one_task_per_step(tmp_path: Path) -> None:
+    collator = RecordingCollator()
+    trainer = make_trainer(tmp_path, 4, collator, gradient_accumulation_steps=2)
+    trainer.train()
+    batches = collator.batches
+    assert len(batches) == 8
+    for k in range(0, 8, 2):  # the two micro-batches of each optimizer step share a task
+        assert len(set(batches[k] + batches[k + 1])) == 1
+    assert trainer.seqreptile.num_steps == 4
+
+
+def test_probe_callback_logs_and_does_not_disturb(
+    uninterrupted: dict[str, Any], tmp_path: Path
+) -> None:
+    probe_batches = [
+        RecordingCollator()([TaskData(t, n)[i] for i in range(4)]) for t, n in enumerate(TASK_SIZES)
+    ]
+    callback = ProbeCallback(
+        probe_batches,
+        every_n_steps=5,
+        params=lambda m: m.bert.encoder,
+        mode="sketch",
+        sketch_dim=512,
+    )
+    trainer = make_trainer(tmp_path, 10, callbacks=[callback])
+    assert callback.trainer is trainer
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "probe/mean_cosine" in entry]
+    assert [entry["step"] for entry in logged] == [5, 10]
+    for entry in logged:
+        assert -1.0 <= entry["probe/mean_cosine"] <= 1.0
+        assert all(entry[f"probe/grad_norm/task_{t}"] > 0 for t in range(3))
+        assert entry["probe/l2_distance"] > 0
+    assert [step for step, *_ in callback.history] == [5, 10]
+    # the distance is that of phi from the starting weights
+    assert logged[-1]["probe/l2_distance"] == pytest.approx(
+        l2_distance(trainer.model, tiny_bert()), rel=1e-6
+    )
+    expected = uninterrupted["trainer"].model.state_dict()
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, expected[k]), k
+    json.dumps(trainer.state.log_history)  # loggers can serialise it
+
+
+def test_probe_callback_with_plain_trainer(tmp_path: Path) -> None:
+    probe_batches = [RecordingCollator()([TaskData(t, 4)[i] for i in range(4)]) for t in range(2)]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        report_to=[],
+        use_cpu=True,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        save_strategy="no",
+    )
+    trainer = transformers.Trainer(
+        model=tiny_bert(),
+        args=args,
+        train_dataset=TaskData(0, 8),
+        data_collator=RecordingCollator(),
+    )
+    ProbeCallback(probe_batches, every_n_steps=1).attach(trainer)
+    trainer.train()
+    assert [e["step"] for e in trainer.state.log_history if "probe/mean_cosine" in e] == [1, 2]
+
+
+def test_trainer_argument_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="inner_steps"):
+        SeqReptileTrainer(
+            model=tiny_bert(),
+            args=transformers.TrainingArguments(
+                output_dir=str(tmp_path), use_cpu=True, report_to=[]
+            ),
+            inner_steps=0,
+            outer_lr=0.1,
+        )
+    trainer = make_trainer(tmp_path, 2, task_sizes=[10, 10])
+    with pytest.raises(ValueError, match="task_sizes"):
+        trainer.get_train_dataloader()
+    with pytest.raises(ValueError, match="every_n_steps"):
+        ProbeCallback([{}, {}], every_n_steps=0)
