@@ -1,0 +1,265 @@
+"""Every task x method path of ``benchmarks.nlp.run`` on a tiny local BERT and tiny data.
+
+The model (2 layers, hidden 32) and a word-level fast tokenizer are built here, nothing is
+downloaded; a handful of examples per format are written in the layout of
+``../shared/data`` (plus ``squad/`` and ``mnli/``, which that folder lacks).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+pytest.importorskip("sklearn")
+
+from benchmarks.nlp import run as R
+from benchmarks.nlp import tasks as T
+
+WORDS = (
+    "the a of in to and Musa Ada Lagos Kano Abuja bank river city went said who what "
+    "where when is was on at 2020 June year man woman house school"
+).split()
+NER_TAGS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC"]
+
+
+def _sentence(rng: random.Random, n: int) -> list[tuple[str, str]]:
+    return [(rng.choice(WORDS), rng.choice(NER_TAGS)) for _ in range(n)]
+
+
+def _conll(path: Path, rng: random.Random, count: int, indexed: bool) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for _ in range(count):
+        for i, (w, t) in enumerate(_sentence(rng, rng.randint(3, 9))):
+            lines.append(f"{i}\t{w}\t{t}" if indexed else f"{w} {t}")
+        lines.append("")
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def _squad(path: Path, rng: random.Random, count: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    paragraphs = []
+    for i in range(count):
+        context = " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 40)))
+        answer = context.split()[5]
+        start = context.index(" " + answer + " ") + 1
+        paragraphs.append(
+            {
+                "context": context,
+                "qas": [
+                    {
+                        "id": f"q{i}",
+                        "question": f"who {rng.choice(WORDS)} ?",
+                        "answers": [{"text": answer, "answer_start": start}],
+                    }
+                ],
+            }
+        )
+    path.write_text(
+        json.dumps({"version": "1.1", "data": [{"title": "t", "paragraphs": paragraphs}]})
+    )
+
+
+def _nli(path: Path, rng: random.Random, count: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for _ in range(count):
+        a = " ".join(rng.choice(WORDS) for _ in range(6))
+        b = " ".join(rng.choice(WORDS) for _ in range(4))
+        rows.append(f"{a}\t{b}\t{rng.choice(T.NLI_LABELS)}")
+    path.write_text("\n".join(rows), encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    rng = random.Random(0)
+    for lang in ("hau", "ibo", "pcm"):
+        for split in ("train", "dev", "test"):
+            _conll(root / "masakhaner" / lang / f"{split}.txt", rng, 10, indexed=False)
+    for lang in ("de", "en"):
+        for split in ("train", "val", "test"):
+            _conll(root / "wikiann" / lang / f"{split}.conllu", rng, 10, indexed=True)
+    for lang in ("en", "sw"):
+        for split in ("train", "dev"):
+            folder = root / "tydiqa_goldp" / f"tydiqa-goldp-v1.1-{split}"
+            _squad(folder / f"tydiqa.goldp.{lang}.{split}.json", rng, 8)
+    for lang in ("de", "zh"):
+        _squad(root / "mlqa_dev" / f"dev-context-{lang}-question-{lang}.json", rng, 6)
+    _squad(root / "squad" / "train-v1.1.json", rng, 24)
+    _squad(root / "squad" / "dev-v1.1.json", rng, 6)
+    _nli(root / "mnli" / "train.tsv", rng, 24)
+    for lang in ("en", "fr"):
+        for split in ("dev", "test"):
+            _nli(root / "xnli" / f"{split}-{lang}.tsv", rng, 8)
+    return root
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from tokenizers.processors import TemplateProcessing
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *WORDS, "?"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Sequence([])
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", 2), ("[SEP]", 3)],
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+    )
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    path = tmp_path_factory.mktemp("tiny_bert")
+    BertModel(config, add_pooling_layer=False).save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+TASK_ARGS: dict[str, list[str]] = {
+    "masakhaner": ["--train-langs", "hau", "ibo", "--dev-langs", "hau", "ibo",
+                   "--test-langs", "hau", "--zero-shot-langs", "pcm"],
+    "wikiann": ["--train-langs", "de", "en", "--dev-langs", "de", "en", "--test-langs", "en"],
+    "tydiqa": ["--train-langs", "en", "sw", "--dev-langs", "en", "sw", "--test-langs", "sw"],
+    "tydi_mlqa": ["--train-langs", "en", "sw", "--dev-langs", "sw", "--zero-shot-langs",
+                  "de", "zh"],
+    "squad_mlqa": ["--zero-shot-langs", "de"],
+    "mnli_xnli": ["--zero-shot-langs", "fr"],
+}  # fmt: skip
+
+
+def _run(
+    tmp_path: Path, data_dir: Path, model_dir: Path, task: str, method: str, *extra: str
+) -> dict[str, Any]:
+    out = tmp_path / "r.json"
+    argv = [
+        "--task",
+        task,
+        "--method",
+        method,
+        "--model",
+        str(model_dir),
+        "--data-dir",
+        str(data_dir),
+        "--source",
+        "local",
+        "--budget",
+        "8",
+        "--eval-every",
+        "4",
+        "--batch-size",
+        "4",
+        "--max-length",
+        "48",
+        "--inner-steps",
+        "2",
+        "--lr",
+        "1e-3",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+        *TASK_ARGS[task],
+        *extra,
+    ]
+    result = R.run(argv)
+    assert json.loads(out.read_text())["config"]["method"] == method
+    return result
+
+
+@pytest.mark.parametrize("method", R.METHODS)
+@pytest.mark.parametrize("task", ["masakhaner", "tydiqa"])
+def test_every_method(
+    tmp_path: Path, data_dir: Path, model_dir: Path, task: str, method: str
+) -> None:
+    result = _run(tmp_path, data_dir, model_dir, task, method)
+    for name, rec in result["runs"].items():
+        curve = rec["curve"]
+        assert curve[0]["grad_computations"] == 0
+        assert curve[-1]["grad_computations"] >= 8, name
+        assert all(
+            0 <= v[R.main_metric(result["preset"]["kind"])] <= 100
+            for p in curve
+            for v in p["dev"].values()
+        )
+        assert rec["l2_from_pretrained_end"] > 0
+        assert "best_dev" in rec and "test" in rec["end"]
+    if method != "stl":
+        rec = result["runs"]["all"]
+        assert set(rec["end"]["test"]) == set(result["preset"]["test_langs"])
+        if method in ("seqreptile", "mtl"):
+            assert "task_grad_cosine" in rec["curve"][-1]
+    else:
+        assert set(result["runs"]) == set(result["preset"]["train_langs"])
+
+
+@pytest.mark.parametrize("task", ["wikiann", "tydi_mlqa", "squad_mlqa", "mnli_xnli"])
+@pytest.mark.parametrize("method", ["seqreptile", "pcgrad"])
+def test_every_task(
+    tmp_path: Path, data_dir: Path, model_dir: Path, task: str, method: str
+) -> None:
+    result = _run(tmp_path, data_dir, model_dir, task, method)
+    rec = result["runs"]["all"]
+    if task in ("squad_mlqa", "mnli_xnli"):
+        assert list(result["task_sizes"]) == ["c0", "c1", "c2", "c3"]
+        assert sum(result["task_sizes"].values()) == 24
+    if result["preset"]["zero_shot_langs"]:
+        assert set(rec["end"]["zero_shot"]) == set(result["preset"]["zero_shot_langs"])
+
+
+@pytest.mark.parametrize("padding", ["max_length", "longest"])
+def test_padding_and_bf16(tmp_path: Path, data_dir: Path, model_dir: Path, padding: str) -> None:
+    _run(
+        tmp_path,
+        data_dir,
+        model_dir,
+        "masakhaner",
+        "sequential",
+        "--padding",
+        padding,
+        "--bf16",
+        "--freeze-embeddings",
+    )
+
+
+def test_qa_metrics() -> None:
+    ex = T.QAExample("1", "q", "The Cat sat.", ["the cat"], [0])
+    assert T.qa_scores([ex], ["Cat"]) == {"f1": 100.0, "em": 100.0}
+    assert T.qa_scores([ex], ["a dog"])["f1"] == 0.0
+    assert T.normalize_answer("Der Hund, bellt!", "de") == "hund bellt"
+    assert T.normalize_answer("北京大学", "zh") == "北 京 大 学"
+    assert T.qa_scores([T.QAExample("2", "q", "c", ["北京大学"], [0])], ["北京"], "zh")["f1"] == (
+        pytest.approx(100 * 2 * (1.0 * 0.5) / 1.5)
+    )
+
+
+def test_tables_print(
+    tmp_path: Path, data_dir: Path, model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from benchmarks.nlp import tables
+
+    _run(tmp_path, data_dir, model_dir, "tydiqa", "seqreptile")
+    tables.main(["--results", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "Table 1" in out and "Seq.Reptile" in out and "78.5" in out
