@@ -174,12 +174,12 @@ def outer_update_ratios(
     return results
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one round (smoke test)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rounds, repeats = (1, 2) if args.quick else (7, 50)
     shapes = mbert_shapes(vocab=1000, layers=1) if args.quick else mbert_shapes()

@@ -114,11 +114,12 @@ def peak_extra_bytes(fn) -> int:
     return peak
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     names = ["MTL", "PCGrad", "GradVac", "GradNorm", "CAGrad", "MGDA"]
     torch.manual_seed(0)
@@ -194,9 +195,9 @@ def main() -> None:
     ]
     text = "\n".join(lines)
     print(text)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "surgery_speed.json").write_text(json.dumps(result, indent=2))
-    (RESULTS / "surgery_speed.md").write_text(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "surgery_speed.json").write_text(json.dumps(result, indent=2))
+    (args.out / "surgery_speed.md").write_text(text)
 
 
 if __name__ == "__main__":
