@@ -311,3 +311,261 @@ def test_trainer_argument_errors(tmp_path: Path) -> None:
         trainer.get_train_dataloader()
     with pytest.raises(ValueError, match="every_n_steps"):
         ProbeCallback([{}, {}], every_n_steps=0)
+
+
+# ---------------------------------------------------------------------- SurgeryTrainer
+from torch.nn import functional as F  # noqa: E402
+
+from torch_seqreptile.integrations.transformers import (  # noqa: E402
+    SurgeryTrainer,
+    find_surgery_optimizer,
+)
+from torch_seqreptile.surgery import MGDA, MTL, CAGrad, GradNorm, GradVac, PCGrad  # noqa: E402
+
+SURGERY_STEPS = 6
+
+
+class BatchRecordingCollator(RecordingCollator):
+    """A RecordingCollator that also keeps every collated batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.collated: list[dict[str, torch.Tensor]] = []
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = super().__call__(features)
+        self.collated.append({k: v.clone() for k, v in batch.items()})
+        return batch
+
+
+class GradRecorder(transformers.TrainerCallback):  # type: ignore[misc]
+    """The gradient the optimizer is about to apply, at every step."""
+
+    def __init__(self) -> None:
+        self.grads: list[dict[str, torch.Tensor]] = []
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        model = kwargs["model"]
+        self.grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+
+
+def tiny_bert_without_dropout() -> Any:
+    model = tiny_bert()
+    for module in model.modules():  # deterministic forward: the hand loop needs no RNG
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    model.config.attention_probs_dropout_prob = 0.0
+    model.config.hidden_dropout_prob = 0.0
+    return model
+
+
+def make_surgery_trainer(
+    out: Path,
+    method: Any,
+    max_steps: int,
+    collator: RecordingCollator | None = None,
+    **kwargs: Any,
+) -> Any:
+    args = transformers.TrainingArguments(
+        output_dir=str(out),
+        max_steps=max_steps,
+        per_device_train_batch_size=3,  # per task: 6 rows per batch
+        gradient_accumulation_steps=kwargs.pop("gradient_accumulation_steps", 1),
+        learning_rate=5e-3,
+        lr_scheduler_type="linear",
+        max_grad_norm=kwargs.pop("max_grad_norm", 1.0),
+        save_strategy="steps",
+        save_steps=kwargs.pop("save_steps", 1000),
+        logging_steps=1000,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    return SurgeryTrainer(
+        model=kwargs.pop("model", None) or tiny_bert(),
+        args=args,
+        train_dataset=train_dataset(),
+        data_collator=collator or RecordingCollator(),
+        method=method,
+        tasks_per_step=kwargs.pop("tasks_per_step", 2),
+        num_batches=kwargs.pop("num_batches", 4),  # several Trainer epochs
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize("method", [MTL, PCGrad], ids=["MTL", "PCGrad"])
+def test_surgery_trainer_equals_hand_written_loop(method: Any, tmp_path: Path) -> None:
+    model = tiny_bert_without_dropout()
+    start = weights(model)
+    inner = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    collator = BatchRecordingCollator()
+    recorder = GradRecorder()
+    trainer = make_surgery_trainer(
+        tmp_path,
+        method,
+        SURGERY_STEPS,
+        collator,
+        model=model,
+        optimizers=(inner, None),
+        callbacks=[recorder],
+        max_grad_norm=0.0,  # compare the combined gradient itself, unclipped
+    )
+    trainer.train()
+    surgery = trainer.surgery
+    assert type(surgery) is method and surgery.optimizer is inner and surgery.num_tasks == 2
+    assert find_surgery_optimizer(trainer.optimizer) is surgery
+    assert len(recorder.grads) == SURGERY_STEPS
+    for tasks in collator.batches:  # one mini-batch of each of 2 distinct tasks
+        assert len(tasks) == 6 and len(set(tasks)) == 2
+        assert tasks == sorted(tasks) and tasks.count(tasks[0]) == 3
+
+    # the same steps by hand: per-task mean losses -> surgery backward -> step
+    hand = tiny_bert_without_dropout()
+    with torch.no_grad():
+        for name, p in hand.named_parameters():
+            p.copy_(start[name])
+    hand_inner = torch.optim.AdamW(hand.parameters(), lr=5e-3)
+    kwargs = {"seed": 0} if method.uses_rng else {}  # the trainer seeds with args.seed
+    opt = method(hand_inner, num_tasks=2, **kwargs)
+    sched = transformers.get_linear_schedule_with_warmup(opt, 0, SURGERY_STEPS)
+    hand.train()
+    projected = 0
+    for step in range(SURGERY_STEPS):
+        batch = collator.collated[step]
+        task_ids = torch.tensor(collator.batches[step])
+        logits = hand(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        per_example = F.cross_entropy(logits, batch["labels"], reduction="none")
+        losses = [per_example[task_ids == t].mean() for t in sorted(set(task_ids.tolist()))]
+        opt.zero_grad()
+        opt.backward(losses)
+        projected += int(not torch.all(opt.last_weights == 1.0))
+        for name, p in hand.named_parameters():  # same ops in the same order: bit for bit
+            assert p.grad is not None
+            assert torch.equal(recorder.grads[step][name], p.grad), (step, name)
+        opt.step()
+        sched.step()
+    assert projected > 0 if method is PCGrad else projected == 0  # PCGrad != MTL here
+    trained = dict(trainer.model.named_parameters())
+    for name, p in hand.named_parameters():
+        assert torch.equal(trained[name], p), name
+
+
+@pytest.mark.parametrize("method", [MTL, PCGrad], ids=["MTL", "PCGrad"])
+def test_surgery_trainer_resume_equals_uninterrupted(method: Any, tmp_path: Path) -> None:
+    # dropout on: the resumed run also needs the Trainer's RNG state
+    full_collator = RecordingCollator()
+    full = make_surgery_trainer(tmp_path / "full", method, 7, full_collator, save_steps=5)
+    full.train()
+    ckpt = tmp_path / "full" / "checkpoint-5"
+    state = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    assert state["num_tasks"] == 2 and (state["rng_state"] is not None) == method.uses_rng
+    collator = RecordingCollator()
+    resumed = make_surgery_trainer(tmp_path / "resumed", method, 7, collator)
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    expected = full.model.state_dict()
+    for k, v in resumed.model.state_dict().items():
+        assert torch.equal(v, expected[k]), k
+    assert collator.batches == full_collator.batches[5:]  # incl. any prefetched batch
+    a, b = full.surgery, resumed.surgery
+    if method.uses_rng:
+        assert torch.equal(a.generator.get_state(), b.generator.get_state())
+    for p, q in zip(a.params(), b.params()):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(a.state[p][key], b.state[q][key])
+
+
+def test_surgery_trainer_every_method_and_callable(tmp_path: Path) -> None:
+    methods: list[Any] = [GradVac, GradNorm, MGDA, lambda opt: CAGrad(opt, c=0.4)]
+    for i, method in enumerate(methods):
+        collator = RecordingCollator()
+        trainer = make_surgery_trainer(
+            tmp_path / str(i), method, 2, collator, tasks_per_step=3, num_batches=2
+        )
+        trainer.train()
+        assert trainer.surgery.num_tasks == 3 and trainer.surgery.last_weights is not None
+        assert all(len(set(tasks)) == 3 for tasks in collator.batches)
+
+
+def test_surgery_trainer_mtl_gradient_accumulation(tmp_path: Path) -> None:
+    model = tiny_bert_without_dropout()
+    start = weights(model)
+    collator = BatchRecordingCollator()
+    recorder = GradRecorder()
+    trainer = make_surgery_trainer(
+        tmp_path,
+        MTL,
+        1,
+        collator,
+        model=model,
+        callbacks=[recorder],
+        gradient_accumulation_steps=2,
+        max_grad_norm=0.0,
+    )
+    trainer.train()
+    assert len(collator.batches) in (2, 3)  # two micro-batches (and maybe one prefetched)
+    # the step's gradient is that of the per-task mean losses summed over tasks, averaged
+    # over the two micro-batches
+    hand = tiny_bert_without_dropout()
+    with torch.no_grad():
+        for name, p in hand.named_parameters():
+            p.copy_(start[name])
+    hand.train()
+    total = torch.zeros(())
+    for batch, tasks in zip(collator.collated[:2], collator.batches[:2]):
+        task_ids = torch.tensor(tasks)
+        logits = hand(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        per_example = F.cross_entropy(logits, batch["labels"], reduction="none")
+        for t in sorted(set(tasks)):
+            total = total + per_example[task_ids == t].mean() / 2
+    total.backward()
+    for name, p in hand.named_parameters():
+        assert p.grad is not None
+        torch.testing.assert_close(recorder.grads[0][name], p.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_surgery_trainer_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        make_surgery_trainer(tmp_path, PCGrad, 2, gradient_accumulation_steps=2).train()
+    with pytest.raises(ValueError, match="tasks_per_step >= 3"):
+        make_surgery_trainer(tmp_path, GradVac, 2, tasks_per_step=2).train()
+    with pytest.raises(ValueError, match="num_tasks=3"):
+        make_surgery_trainer(tmp_path, lambda opt: PCGrad(opt, num_tasks=3), 2).train()
+    with pytest.raises(TypeError, match="inner optimizer"):
+        model = tiny_bert()
+        wrapped = PCGrad(torch.optim.SGD(model.parameters(), lr=0.1))
+        make_surgery_trainer(tmp_path, PCGrad, 2, model=model, optimizers=(wrapped, None)).train()
+    with pytest.raises(TypeError, match="surgery"):
+        make_surgery_trainer(tmp_path, torch.optim.SGD, 2)
+    with pytest.raises(ValueError, match="loss_fn"):
+        trainer = make_surgery_trainer(tmp_path, MTL, 1, loss_fn=lambda out, labels: out.logits)
+        trainer.train()
+
+
+def test_surgery_trainer_mixed_precision(tmp_path: Path) -> None:
+    def args(**flag: bool) -> Any:
+        return transformers.TrainingArguments(
+            output_dir=str(tmp_path),
+            max_steps=2,
+            per_device_train_batch_size=3,
+            report_to=[],
+            use_cpu=True,
+            remove_unused_columns=False,
+            disable_tqdm=True,
+            save_strategy="no",
+            **flag,
+        )
+
+    common: dict[str, Any] = {
+        "train_dataset": train_dataset(),
+        "data_collator": RecordingCollator(),
+        "method": PCGrad,
+        "tasks_per_step": 3,
+    }
+    trainer = SurgeryTrainer(model=tiny_bert(), args=args(bf16=True), **common)
+    trainer.train()  # bf16 autocast: no GradScaler, every method works
+    assert trainer.state.global_step == 2 and trainer.surgery.last_weights is not None
+    with pytest.raises(ValueError, match="fp16"):
+        SurgeryTrainer(model=tiny_bert(), args=args(fp16=True), **common)
