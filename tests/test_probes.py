@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import pytest
 import torch
@@ -12,14 +11,7 @@ from torch import nn
 from tests.helpers import batch, make_model
 from torch_seqreptile.probes import TaskGradientProbe, _bert_mask, l2_distance, masked_lm_loss
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    """Tiny models: one intra-op thread is fastest (and robust on a busy 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def task_losses(model: nn.Module, num_tasks: int = 3) -> list[torch.Tensor]:

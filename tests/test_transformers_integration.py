@@ -28,13 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TASK_SIZES = [20, 12, 8]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    """Tiny models: one intra-op thread is fastest (and robust on a busy 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SEQ = 6
