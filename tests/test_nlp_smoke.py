@@ -263,3 +263,134 @@ def test_tables_print(
     tables.main(["--results", str(tmp_path)])
     out = capsys.readouterr().out
     assert "Table 1" in out and "Seq.Reptile" in out and "78.5" in out
+
+
+def test_sequential_control_scores_the_current_weights(
+    tmp_path: Path, data_dir: Path, model_dir: Path
+) -> None:
+    """outer_lr = 1: phi would jump to the current weights, so those are scored, not the
+    phi of the last outer step (which is still the pretrained model before step K)."""
+    result = _run(tmp_path, data_dir, model_dir, "masakhaner", "sequential", "--inner-steps", "100")
+    curve = result["runs"]["all"]["curve"]
+    assert curve[0]["l2_from_pretrained"] == 0
+    assert all(p["l2_from_pretrained"] > 0 for p in curve[1:])
+    seq = _run(tmp_path, data_dir, model_dir, "masakhaner", "seqreptile", "--inner-steps", "100")
+    assert all(p["l2_from_pretrained"] == 0 for p in seq["runs"]["all"]["curve"])
+
+
+def test_train_limit_cuts_one_language(tmp_path: Path, data_dir: Path, model_dir: Path) -> None:
+    result = _run(tmp_path, data_dir, model_dir, "masakhaner", "mtl", "--train-limit", "ibo=3")
+    assert result["task_sizes"] == {"hau": 10, "ibo": 3}
+    assert result["train_limit"] == {"ibo": 3}
+    with pytest.raises(ValueError, match="--train-limit: expected LANG=N"):
+        _run(tmp_path, data_dir, model_dir, "masakhaner", "mtl", "--train-limit", "ibo")
+    with pytest.raises(ValueError, match="not training languages"):
+        _run(tmp_path, data_dir, model_dir, "masakhaner", "mtl", "--train-limit", "yor=3")
+
+
+def test_eval_subsets_do_not_depend_on_the_seed(data_dir: Path, model_dir: Path) -> None:
+    """Seeds vary the training only: a capped dev set is the same subset for every seed."""
+    encoder, tokenizer = R.load_encoder(str(model_dir))
+    dev = []
+    for seed in (0, 1):
+        argv = ["--task", "masakhaner", "--method", "mtl", "--data-dir", str(data_dir)]
+        args = R.parse_args([*argv, *TASK_ARGS["masakhaner"], "--max-eval-examples", "4",
+                             "--seed", str(seed)])  # fmt: skip
+        _, preset = R.build_config(args)
+        dev.append([d.examples for d in R.load_data(args, preset, encoder, tokenizer).dev])
+    assert [len(x) for x in dev[0]] == [4, 4]
+    assert dev[0] == dev[1]
+
+
+def test_report_summarises_a_group(tmp_path: Path, data_dir: Path, model_dir: Path) -> None:
+    from benchmarks.nlp import report
+
+    group = tmp_path / "group"
+    group.mkdir()
+    for method, seed in (("seqreptile", 0), ("seqreptile", 1), ("mtl", 0), ("stl", 0)):
+        result = _run(tmp_path, data_dir, model_dir, "masakhaner", method, "--seed", str(seed))
+        (group / f"{method}_{seed}.json").write_text(json.dumps(result))
+    report.main([str(group)])
+    summary = json.loads((group / "summary.json").read_text())
+    assert set(summary) == {"Seq.Reptile (K=2, η=0.1)", "MTL", "STL"}
+    seq = summary["Seq.Reptile (K=2, η=0.1)"]
+    assert seq["seeds"] == [0, 1] and seq["best_dev"]["n"] == 2
+    assert set(seq["test_per_lang_at_end"]) == {"hau"}
+    assert "| MTL | 1 |" in (group / "summary.md").read_text()
+    assert (group / "curves.png").stat().st_size > 10_000
+
+
+def test_campaign_runs_resumes_and_reuses_the_sweep(
+    tmp_path: Path,
+    data_dir: Path,
+    model_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Two workers run the sweep first, then the runs that take K and eta from it; the
+    balanced seed-0 SeqReptile run is the sweep's best run, copied; a rerun does nothing."""
+    from benchmarks.nlp import campaign as C
+
+    monkeypatch.setattr(C, "RESULTS", tmp_path)
+    common = ["--model", str(model_dir), "--data-dir", str(data_dir), "--source", "local",
+              "--batch-size", "4", "--max-length", "48", "--lr", "1e-3",
+              *TASK_ARGS["masakhaner"]]  # fmt: skip
+    monkeypatch.setattr(C, "COMMON", common)
+    monkeypatch.setattr(
+        C, "BALANCED", ["--task", "masakhaner", "--budget", "8", "--eval-every", "4"]
+    )
+    monkeypatch.setattr(C, "SWEEP", [(2, 0.1), (4, 0.5)])
+    monkeypatch.setattr(C, "SEEDS", [0])
+    headline = {"mtl_seed0", "seqreptile_seed0", "reptile_seed0"}
+    all_jobs = C.jobs()
+    monkeypatch.setattr(
+        C, "jobs", lambda: [j for j in all_jobs if j.group != "balanced" or j.name in headline]
+    )
+    C.main(["--workers", "2", "--only", "sweep", "balanced"])
+    done = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.json"))
+    assert done == [
+        "balanced/mtl_seed0.json",
+        "balanced/reptile_seed0.json",
+        "balanced/seqreptile_seed0.json",
+        "sweep/seqreptile_K2_eta0.1_seed0.json",
+        "sweep/seqreptile_K4_eta0.5_seed0.json",
+    ]
+    assert not list(tmp_path.rglob("*.log")) and not list(tmp_path.rglob("*.pid"))
+    k, eta = C.chosen_setting()
+    sweep = tmp_path / "sweep" / f"seqreptile_K{k}_eta{eta}_seed0.json"
+    assert (tmp_path / "balanced" / "seqreptile_seed0.json").read_text() == sweep.read_text()
+    reptile = json.loads((tmp_path / "balanced" / "reptile_seed0.json").read_text())["config"]
+    assert (reptile["inner_steps"], reptile["outer_lr"]) == (max(1, k // 5), eta)
+    capsys.readouterr()
+    C.main(["--only", "sweep", "balanced", "--dry-run"])
+    assert capsys.readouterr().out == ""
+
+
+def test_campaign_jobs_are_valid_runner_commands(monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks.nlp import campaign as C
+
+    monkeypatch.setattr(C, "chosen_setting", lambda: (100, 0.5))
+    jobs = C.jobs()
+    assert len({j.out for j in jobs}) == len(jobs)
+    for job in jobs:
+        if job.copy_of is not None:
+            continue
+        cfg, _ = R.build_config(R.parse_args(C._argv(job)[3:-2]))
+        assert job.name.startswith(cfg.method)
+        if cfg.method == "reptile":
+            assert cfg.inner_steps == 100 // len(cfg.train_tasks)
+        if job.group == "imbalanced":
+            assert "swa=100" in C._argv(job)
+
+
+def test_masakhaner_tables_split_test_and_zero_shot(
+    tmp_path: Path, data_dir: Path, model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from benchmarks.nlp import tables
+
+    _run(tmp_path, data_dir, model_dir, "masakhaner", "mtl")
+    tables.main(["--results", str(tmp_path)])
+    out = capsys.readouterr().out
+    test_table, zero_shot_table = out.split("### MasakhaNER")[1:]
+    assert "test sets" in test_table and "| hau | Avg. |" in test_table
+    assert "zero-shot sets" in zero_shot_table and "| pcm | Avg. |" in zero_shot_table

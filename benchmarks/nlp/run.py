@@ -159,10 +159,23 @@ def featurise(
     return T.nli_features(tokenizer, examples, p.max_length)
 
 
-def _cap(examples: list[Any], limit: int | None, seed: int) -> list[Any]:
+def _cap(examples: list[Any], limit: int | None) -> list[Any]:
+    """A fixed random subset of ``limit`` examples: the same for every training seed, so that
+    seeds vary the training and not the data."""
     if limit is None or len(examples) <= limit:
         return examples
-    return random.Random(seed).sample(examples, limit)
+    return random.Random(0).sample(examples, limit)
+
+
+def _train_limits(pairs: Sequence[str]) -> dict[str, int]:
+    """``["swa=100", "yor=100"]`` -> ``{"swa": 100, "yor": 100}``."""
+    limits = {}
+    for pair in pairs:
+        lang, sep, count = pair.partition("=")
+        if not sep or not count.isdigit() or int(count) < 1:
+            raise ValueError(f"--train-limit: expected LANG=N with N >= 1, got {pair!r}")
+        limits[lang] = int(count)
+    return limits
 
 
 def split_by_clusters(
@@ -207,7 +220,7 @@ def load_data(args: argparse.Namespace, p: T.Preset, encoder: nn.Module, tokeniz
     mlqa_lang = (lambda lang: lang) if zs_set == "mlqa" else (lambda lang: None)
 
     def examples(dataset: str, lang: str, split: str, limit: int | None) -> list[Any]:
-        return _cap(T.load_split(dataset, lang, split, data_dir, source), limit, args.seed)
+        return _cap(T.load_split(dataset, lang, split, data_dir, source), limit)
 
     if p.clusters:
         pool = examples(train_set, "en", "train", args.max_train_examples)
@@ -215,8 +228,13 @@ def load_data(args: argparse.Namespace, p: T.Preset, encoder: nn.Module, tokeniz
         task_names = [f"c{i}" for i in range(p.clusters)]
     else:
         task_names = list(p.train_langs)
+        limits = _train_limits(args.train_limit)
+        unknown = sorted(set(limits) - set(task_names))
+        if unknown:
+            raise ValueError(f"--train-limit: {unknown} are not training languages {task_names}")
         groups = [
-            examples(train_set, lang, "train", args.max_train_examples) for lang in task_names
+            examples(train_set, lang, "train", limits.get(lang, args.max_train_examples))
+            for lang in task_names
         ]
     train = [featurise(p.kind, tokenizer, g, p, tags, True) for g in groups]
     dev_split = "dev"
@@ -386,13 +404,14 @@ class Config:
     probe: str
     train_tasks: list[str]
     kind: str
+    recadam_t0: float = 1000.0
 
 
 def make_optimizer(cfg: Config, model: TaskModel, num_tasks: int) -> Any:
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.method == "recadam":
         inner: torch.optim.Optimizer = RecAdam(
-            params, lr=cfg.lr, weight_decay=0.01, k=0.1, t0=1000, gamma=5000.0
+            params, lr=cfg.lr, weight_decay=0.01, k=0.1, t0=cfg.recadam_t0, gamma=5000.0
         )
     else:
         inner = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
@@ -417,8 +436,13 @@ def _steps(cfg: Config, tasks_per_step: int) -> int:
     return max(1, math.ceil(cfg.budget / (tasks_per_step if cfg.method in MULTI_TASK else 1)))
 
 
-def _kept_weights(opt: Any) -> contextlib.AbstractContextManager[Any]:
-    return opt.slow_weights() if hasattr(opt, "slow_weights") else contextlib.nullcontext()
+def _kept_weights(cfg: Config, opt: Any) -> contextlib.AbstractContextManager[Any]:
+    """The weights a user keeps: phi for the Reptiles, the model's own weights otherwise.
+    With outer_lr = 1 (``sequential``) an outer step would set phi to the current weights,
+    so those are the ones scored (phi itself only moves every ``inner_steps`` steps)."""
+    if cfg.method == "sequential" or not hasattr(opt, "slow_weights"):
+        return contextlib.nullcontext()
+    return opt.slow_weights()
 
 
 def _snapshot(model: nn.Module) -> dict[str, Tensor]:
@@ -487,7 +511,7 @@ def train_one(
 
     def evaluate(at: int) -> None:
         nonlocal best
-        with _kept_weights(opt):
+        with _kept_weights(cfg, opt):
             dev = {d.name: score(model, d, sub, batcher.pad_id, cfg.bf16) for d in sub.dev}
             mean = sum(v[metric] for v in dev.values()) / max(1, len(dev))
             point: dict[str, Any] = {
@@ -645,8 +669,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--test-langs", nargs="+", default=None)
     ap.add_argument("--zero-shot-langs", nargs="+", default=None)
     ap.add_argument("--max-train-examples", type=int, default=None, help="per task")
+    ap.add_argument(
+        "--train-limit",
+        nargs="+",
+        default=[],
+        metavar="LANG=N",
+        help="cut these training languages to N examples (imbalanced task sets)",
+    )
     ap.add_argument("--max-eval-examples", type=int, default=None, help="per dev set")
     ap.add_argument("--max-test-examples", type=int, default=None, help="per test set")
+    ap.add_argument(
+        "--recadam-t0",
+        type=float,
+        default=1000.0,
+        help="RecAdam's annealing midpoint in steps (RecAdam paper grid: 100 to 1000)",
+    )
     ap.add_argument("--freeze-embeddings", action="store_true")
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast on the CPU")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
@@ -700,6 +737,7 @@ def build_config(args: argparse.Namespace) -> tuple[Config, T.Preset]:
         args.probe,
         list(p.train_langs),
         p.kind,
+        args.recadam_t0,
     )
     return cfg, p
 
@@ -728,6 +766,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "config": asdict(cfg),
         "preset": asdict(p),
         "task_sizes": dict(zip(data.task_names, (len(f) for f in data.train))),
+        "train_limit": _train_limits(args.train_limit),
         "runs": runs,
         "data_seconds": load_seconds,
         "environment": {

