@@ -394,3 +394,25 @@ def test_masakhaner_tables_split_test_and_zero_shot(
     test_table, zero_shot_table = out.split("### MasakhaNER")[1:]
     assert "test sets" in test_table and "| hau | Avg. |" in test_table
     assert "zero-shot sets" in zero_shot_table and "| pcm | Avg. |" in zero_shot_table
+
+
+def test_best_dev_scores_are_those_of_the_best_weights(
+    tmp_path: Path, data_dir: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The test scores at the best dev point are recomputed on the saved best weights,
+    unless those are the final weights (then the final scores are theirs)."""
+    result = _run(tmp_path, data_dir, model_dir, "masakhaner", "sequential", "--lr", "0")
+    rec = result["runs"]["all"]
+    # lr 0: every point holds the pretrained weights; the first is the best, and final
+    assert rec["best_dev"]["grad_computations"] == 0
+    assert rec["best_dev"]["test"] == rec["end"]["test"]
+    calls = []
+    real = R._final_scores
+    monkeypatch.setattr(R, "_final_scores", lambda *a: calls.append(1) or real(*a))
+    _run(tmp_path, data_dir, model_dir, "masakhaner", "sequential", "--lr", "0")
+    assert len(calls) == 1
+    monkeypatch.setattr(R, "score", lambda *a: {"f1": 50.0 if not calls else 0.0})
+    calls.clear()
+    moved = _run(tmp_path, data_dir, model_dir, "masakhaner", "sequential")["runs"]["all"]
+    assert moved["best_dev"]["grad_computations"] == 0  # dev is 50 only before training
+    assert len(calls) == 2

@@ -571,15 +571,15 @@ def train_one(
         "l2_from_pretrained_end": _l2(model.encoder, pretrained),
     }
     if best[1] is not None:
-        with torch.no_grad():
-            named = dict(model.named_parameters())
-            for n, v in best[1].items():
-                named[n].copy_(v)
-        record["best_dev"] = {
-            "grad_computations": best[2],
-            "dev_mean": best[0],
-            **_final_scores(model, sub, batcher.pad_id, cfg.bf16),
-        }
+        named = dict(model.named_parameters())
+        if all(torch.equal(named[n], v) for n, v in best[1].items()):
+            scores = final  # the best dev point holds the final weights: same scores
+        else:
+            with torch.no_grad():
+                for n, v in best[1].items():
+                    named[n].copy_(v)
+            scores = _final_scores(model, sub, batcher.pad_id, cfg.bf16)
+        record["best_dev"] = {"grad_computations": best[2], "dev_mean": best[0], **scores}
     return record
 
 
