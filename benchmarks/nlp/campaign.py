@@ -21,6 +21,8 @@ Groups (see ``docs/results.md``):
   longer budget so that MTL overfits them; the four headline methods, seeds 0-2.
 * ``wikiann``: WikiANN de, en, es subsampled to 1000 training sentences each (dev 200, test
   1000 per language), the four headline methods, seed 0.
+* ``long``: the balanced tasks for 5000 gradient computations (MTL: 1000 steps), K = 250
+  and eta = 0.5 for SeqReptile (K = 50 for Reptile), seed 0.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ WIKIANN = [
     "--test-langs", "de", "en", "es", "--max-train-examples", "1000",
     "--max-test-examples", "1000", "--budget", "600", "--eval-every", "100",
 ]  # fmt: skip
+LONG = ["--task", "masakhaner", "--budget", "5000", "--eval-every", "250"]
 SWEEP = [(100, 0.1), (100, 0.5), (25, 0.5)]  # (K, eta)
 SEEDS = [0, 1, 2]
 
@@ -137,6 +140,14 @@ def jobs() -> list[Job]:
     for seed in SEEDS[1:]:
         headline("imbalanced", IMBALANCED, seed)
     headline("wikiann", WIKIANN, 0, num_tasks=3)
+    # one long balanced run per method, to where MTL has plateaued: 20 outer updates of K=250
+    for method, extra in (
+        ("mtl", []),
+        ("sequential", []),
+        ("seqreptile", ["--inner-steps", "250", "--outer-lr", "0.5"]),
+        ("reptile", ["--inner-steps", "50", "--outer-lr", "0.5"]),
+    ):
+        out.append(Job("long", f"{method}_seed0", [*LONG, "--method", method, *extra]))
     return out
 
 
