@@ -188,6 +188,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--results", type=Path, default=RESULTS, help="folder of runner JSONs")
     ap.add_argument("--at", default="best_dev", choices=["best_dev", "end"])
     ap.add_argument("--scale", default=None, help="only runs of this preset scale")
+    ap.add_argument("--task", default=None, choices=sorted(PAPER), help="only this task's tables")
     args = ap.parse_args(argv)
     runs: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for path in sorted(args.results.glob("*.json")):
@@ -195,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if "runs" not in run or (args.scale and run["config"]["scale"] != args.scale):
             continue
         runs[run["config"]["task"]].append(run)
-    for task in PAPER:
+    for task in PAPER if args.task is None else [args.task]:
         if runs.get(task) or task != "masakhaner":
             print(table(task, runs.get(task, []), args.at))
             print()
