@@ -8,7 +8,8 @@ it was reached, the test and zero-shot averages at the best dev point and at the
 mean pairwise task-gradient cosine over training (Fig. 4), the l2 distance from the
 pretrained encoder at the end (Fig. 5c), and seconds per gradient computation. The figure
 plots dev score, cosine and l2 distance against gradient computations (mean and min-max
-band over seeds), and each task's dev score, which shows where small tasks are overfitted.
+band over seeds), each task's dev score (which shows where small tasks are overfitted), and
+dev score against l2 distance (forgetting at matched accuracy, one line per seed).
 STL (one model per task, own budget) is summarised but not drawn.
 """
 
@@ -177,7 +178,7 @@ def figure(groups: dict[str, list[dict[str, Any]]], path: Path, title: str) -> N
 
     drawn = {k: v for k, v in groups.items() if "all" in v[0]["runs"]}
     langs = sorted(next(iter(drawn.values()))[0]["runs"]["all"]["curve"][0]["dev"])
-    panels = 3 + len(langs)
+    panels = 4 + len(langs)
     cols = 4
     rows = -(-panels // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
@@ -195,7 +196,18 @@ def figure(groups: dict[str, list[dict[str, Any]]], path: Path, title: str) -> N
         ax.set_title(ylabel, fontsize=9)
         ax.set_xlabel("gradient computations", fontsize=8)
         ax.grid(alpha=0.3)
-    for ax in flat[len(specs) :]:
+    trade = flat[len(specs)]  # forgetting at matched accuracy (Fig. 5c against dev F1)
+    for name, runs in drawn.items():
+        for i, run in enumerate(runs):
+            curve = run["runs"]["all"]["curve"]
+            xs = [p["l2_from_pretrained"] for p in curve]
+            color = f"C{list(drawn).index(name)}"
+            trade.plot(xs, [p["dev_mean"] for p in curve], ".-", color=color, alpha=0.7,
+                       label=name if i == 0 else None)  # fmt: skip
+    trade.set_title("mean dev F1 against l2 distance from pretrained", fontsize=9)
+    trade.set_xlabel("l2 distance from pretrained", fontsize=8)
+    trade.grid(alpha=0.3)
+    for ax in flat[len(specs) + 1 :]:
         ax.axis("off")
     flat[0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
