@@ -81,7 +81,8 @@ def summarise_run(run: dict[str, Any]) -> dict[str, Any]:
 
 
 def load(folder: Path) -> dict[str, list[dict[str, Any]]]:
-    """label -> the runs (JSON objects) of that method in the folder, ordered by seed."""
+    """label -> the runs (JSON objects) of that method in the folder, ordered by seed; the
+    methods in the paper's row order."""
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for path in sorted(folder.glob("*.json")):
         if path.name == "summary.json":
@@ -91,7 +92,10 @@ def load(folder: Path) -> dict[str, list[dict[str, Any]]]:
             groups[label(run["config"])].append(run)
     for runs in groups.values():
         runs.sort(key=lambda r: r["config"]["seed"])
-    return dict(groups)
+    order = list(ROW_NAMES)  # the paper's row order
+    return dict(
+        sorted(groups.items(), key=lambda kv: (order.index(kv[1][0]["config"]["method"]), kv[0]))
+    )
 
 
 KEYS = [
