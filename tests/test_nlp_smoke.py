@@ -393,3 +393,18 @@ def test_campaign_jobs_are_valid_runner_commands(monkeypatch: pytest.MonkeyPatch
             assert cfg.inner_steps == seqreptile // len(cfg.train_tasks)
         if job.group == "imbalanced":
             assert "swa=100" in C._argv(job)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [(["--workers", "0"], "--workers: expected a count >= 1"),
+     (["--only", "balanced", "nope"], "--only: unknown groups ['nope']")],
+)  # fmt: skip
+def test_campaign_rejects_bad_arguments(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from benchmarks.nlp import campaign as C
+
+    with pytest.raises(SystemExit):
+        C.main([*argv, "--dry-run"])
+    assert message in capsys.readouterr().err

@@ -179,6 +179,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--only", nargs="+", default=None, help="groups to run")
     ap.add_argument("--dry-run", action="store_true", help="list the pending runs")
     args = ap.parse_args(argv)
+    groups = dict.fromkeys(j.group for j in jobs())
+    if args.workers < 1:
+        ap.error(f"--workers: expected a count >= 1, got {args.workers}")
+    unknown = [g for g in args.only or [] if g not in groups]
+    if unknown:
+        ap.error(f"--only: unknown groups {unknown}; choose from {list(groups)}")
     todo = [j for j in jobs() if not j.out.exists() and (args.only is None or j.group in args.only)]
     elsewhere = {j.out for j in todo if _running_elsewhere(j)}
     pending = [j for j in todo if j.out not in elsewhere]

@@ -23,7 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.nlp.tables import ROW_NAMES
+from benchmarks.nlp.run import main_metric
+from benchmarks.nlp.tables import ROW_NAMES, scores_by_language
 
 
 def label(config: dict[str, Any]) -> str:
@@ -51,14 +52,8 @@ def _stats(values: list[float]) -> dict[str, float] | None:
 
 def summarise_run(run: dict[str, Any]) -> dict[str, Any]:
     """Per-seed figures of one JSON file (STL: its per-task models merged)."""
-    metric = {"ner": "f1", "qa": "f1", "nli": "accuracy"}[run["config"]["kind"]]
+    metric = main_metric(run["config"]["kind"])
     recs = list(run["runs"].values())
-
-    def merged(at: str, split: str) -> dict[str, dict[str, float]]:
-        out: dict[str, dict[str, float]] = {}
-        for rec in recs:
-            out.update((rec.get(at) or rec["end"]).get(split, {}))
-        return out
 
     curve_points = [p for rec in recs for p in rec["curve"][1:]]
     cosines = [p["task_grad_cosine"] for p in curve_points if "task_grad_cosine" in p]
@@ -66,12 +61,16 @@ def summarise_run(run: dict[str, Any]) -> dict[str, Any]:
     return {
         "best_dev": statistics.fmean(b["dev_mean"] for b in best) if best else None,
         "best_dev_at": statistics.fmean(b["grad_computations"] for b in best) if best else None,
-        "test_at_best": _mean_metric(merged("best_dev", "test"), metric),
-        "test_at_end": _mean_metric(merged("end", "test"), metric),
-        "zero_shot_at_best": _mean_metric(merged("best_dev", "zero_shot"), metric),
-        "zero_shot_at_end": _mean_metric(merged("end", "zero_shot"), metric),
-        "test_per_lang_at_best": {k: v[metric] for k, v in merged("best_dev", "test").items()},
-        "test_per_lang_at_end": {k: v[metric] for k, v in merged("end", "test").items()},
+        "test_at_best": _mean_metric(scores_by_language(run, "best_dev", "test"), metric),
+        "test_at_end": _mean_metric(scores_by_language(run, "end", "test"), metric),
+        "zero_shot_at_best": _mean_metric(scores_by_language(run, "best_dev", "zero_shot"), metric),
+        "zero_shot_at_end": _mean_metric(scores_by_language(run, "end", "zero_shot"), metric),
+        "test_per_lang_at_best": {
+            k: v[metric] for k, v in scores_by_language(run, "best_dev", "test").items()
+        },
+        "test_per_lang_at_end": {
+            k: v[metric] for k, v in scores_by_language(run, "end", "test").items()
+        },
         "mean_task_grad_cosine": statistics.fmean(cosines) if cosines else None,
         "l2_end": statistics.fmean(rec["l2_from_pretrained_end"] for rec in recs),
         "seconds_per_grad_computation": statistics.fmean(

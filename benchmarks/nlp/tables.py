@@ -119,7 +119,7 @@ PAPER: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
-def _scores(run: dict[str, Any], at: str, split: str) -> dict[str, dict[str, float]]:
+def scores_by_language(run: dict[str, Any], at: str, split: str) -> dict[str, dict[str, float]]:
     """language -> metrics of one run (``at``: best_dev or end), STL runs merged."""
     out: dict[str, dict[str, float]] = {}
     for rec in run["runs"].values():
@@ -143,7 +143,7 @@ def table(task: str, runs: list[dict[str, Any]], at: str, split: str | None = No
     split = split or spec["split"]
     by_method: dict[str, list[dict[str, dict[str, float]]]] = defaultdict(list)
     for run in runs:
-        by_method[run["config"]["method"]].append(_scores(run, at, split))
+        by_method[run["config"]["method"]].append(scores_by_language(run, at, split))
     langs = list(spec["langs"]) or sorted(
         {lang for m in by_method.values() for s in m for lang in s}
     )
