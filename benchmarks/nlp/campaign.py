@@ -137,8 +137,6 @@ def jobs() -> list[Job]:
     # STL: one model per language, the same total budget split over the five
     stl = ["--task", "masakhaner", "--budget", "200", "--eval-every", "50", "--method", "stl"]
     out.append(Job("balanced", "stl_seed0", stl))
-    for seed in SEEDS[1:]:
-        headline("imbalanced", IMBALANCED, seed)
     headline("wikiann", WIKIANN, 0, num_tasks=3)
     # one long balanced run per method, to where MTL has plateaued: 20 outer updates of K=250
     for method, extra in (
@@ -148,6 +146,8 @@ def jobs() -> list[Job]:
         ("reptile", ["--inner-steps", "50", "--outer-lr", "0.5"]),
     ):
         out.append(Job("long", f"{method}_seed0", [*LONG, "--method", method, *extra]))
+    for seed in SEEDS[1:]:
+        headline("imbalanced", IMBALANCED, seed)
     return out
 
 

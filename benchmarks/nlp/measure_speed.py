@@ -81,7 +81,7 @@ def main() -> None:
                 ((t, local),) = batcher.split(indices).items()
                 batch = batcher.batch(t, local)
                 start = time.perf_counter()
-                with R.autocast(s["dtype"] == "bf16"):
+                with R.autocast(s["dtype"] == "bf16", model):
                     loss = model.loss(batch)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -228,7 +228,7 @@ def load_data(args: argparse.Namespace, p: T.Preset, encoder: nn.Module, tokeniz
         task_names = [f"c{i}" for i in range(p.clusters)]
     else:
         task_names = list(p.train_langs)
-        limits = _train_limits(args.train_limit)
+        limits = args.train_limit
         unknown = sorted(set(limits) - set(task_names))
         if unknown:
             raise ValueError(f"--train-limit: {unknown} are not training languages {task_names}")
@@ -316,14 +316,11 @@ class Batcher:
 
 
 # ----------------------------------------------------------------------- evaluation
-#: device type of the run (set by :func:`run`); autocast follows it
-DEVICE_TYPE = "cpu"
-
-
-def autocast(enabled: bool) -> contextlib.AbstractContextManager[Any]:
-    """bfloat16 autocast on the run's device type, or nothing."""
+def autocast(enabled: bool, model: nn.Module) -> contextlib.AbstractContextManager[Any]:
+    """bfloat16 autocast on the device type of ``model``'s parameters, or nothing."""
     if enabled:
-        return torch.autocast(DEVICE_TYPE, dtype=torch.bfloat16)
+        device_type = next(model.parameters()).device.type
+        return torch.autocast(device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -338,7 +335,7 @@ def predict(
     for i in range(0, len(order), batch_size):
         chunk = order[i : i + batch_size]
         batch = T.collate([feats[j] for j in chunk], pad_id)
-        with autocast(bf16):
+        with autocast(bf16, model):
             logits = model.logits(batch).cpu()
         for row, j in enumerate(chunk):
             out[j] = logits[row, : len(feats[j].input_ids)] if model.kind != "nli" else logits[row]
@@ -535,7 +532,7 @@ def train_one(
         if cfg.method in MULTI_TASK:
             losses = []
             for t in sorted(by_task):
-                with autocast(cfg.bf16):
+                with autocast(cfg.bf16, model):
                     losses.append(model.loss(batcher.batch(t, by_task[t])) / len(by_task))
             opt.zero_grad(set_to_none=True)
             opt.backward(losses)
@@ -545,7 +542,7 @@ def train_one(
             ((t, local),) = by_task.items()
             if cfg.method == "reptile" and t != opt.current_task:
                 raise RuntimeError(f"sampler gave task {t}, Reptile expects {opt.current_task}")
-            with autocast(cfg.bf16):
+            with autocast(cfg.bf16, model):
                 loss = model.loss(batcher.batch(t, local))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -627,7 +624,7 @@ def _make_probe(
 
 def _probe(probe: Any, model: TaskModel, batches: list[dict[str, Any]], bf16: bool) -> float:
     def loss_fn(m: nn.Module, batch: dict[str, Any]) -> Tensor:
-        with autocast(bf16):
+        with autocast(bf16, model):
             return model.loss(batch)
 
     return float(probe.compute(batches, loss_fn).mean_cosine)
@@ -692,7 +689,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--schedule", default="linear", choices=["linear", "constant"])
     ap.add_argument("--probe", default="auto", choices=["auto", "exact", "sketch", "none"])
     ap.add_argument("--out", type=Path, default=None, help="JSON file (default: results/nlp/)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    args.train_limit = _train_limits(args.train_limit)
+    return args
 
 
 def build_config(args: argparse.Namespace) -> tuple[Config, T.Preset]:
@@ -747,8 +746,6 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg, p = build_config(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    global DEVICE_TYPE
-    DEVICE_TYPE = torch.device(args.device).type
     encoder, tokenizer = load_encoder(args.model)
     encoder.to(args.device)
     start = time.perf_counter()
@@ -766,7 +763,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "config": asdict(cfg),
         "preset": asdict(p),
         "task_sizes": dict(zip(data.task_names, (len(f) for f in data.train))),
-        "train_limit": _train_limits(args.train_limit),
+        "train_limit": args.train_limit,
         "runs": runs,
         "data_seconds": load_seconds,
         "environment": {
