@@ -393,6 +393,9 @@ def test_campaign_jobs_are_valid_runner_commands(monkeypatch: pytest.MonkeyPatch
             assert cfg.inner_steps == seqreptile // len(cfg.train_tasks)
         if job.group == "imbalanced":
             assert "swa=100" in C._argv(job)
+        if cfg.method == "stl":  # the same total budget as the group's, split over the tasks
+            group = {"balanced": C.BALANCED, "wikiann": C.WIKIANN}[job.group]
+            assert cfg.budget * len(cfg.train_tasks) == int(group[group.index("--budget") + 1])
 
 
 @pytest.mark.parametrize(

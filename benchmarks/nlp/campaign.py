@@ -146,6 +146,14 @@ def jobs() -> list[Job]:
         ("reptile", ["--inner-steps", "50", "--outer-lr", "0.5"]),
     ):
         out.append(Job("long", f"{method}_seed0", [*LONG, "--method", method, *extra]))
+    # WikiANN is the one offline task with paper numbers beside ours (Table 2): its runs
+    # are cheap (3 tasks of 1000 sentences), so it gets the headline seeds and the baselines
+    for seed in SEEDS[1:]:
+        headline("wikiann", WIKIANN, seed, num_tasks=3)
+    for method in ("pcgrad", "gradvac", "gradnorm"):
+        out.append(Job("wikiann", f"{method}_seed0", [*WIKIANN, "--method", method]))
+    stl = [*WIKIANN, "--budget", "200", "--eval-every", "50", "--method", "stl"]
+    out.append(Job("wikiann", "stl_seed0", stl))
     for seed in SEEDS[1:]:
         headline("imbalanced", IMBALANCED, seed)
     return out
