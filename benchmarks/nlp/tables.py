@@ -4,7 +4,9 @@
 
 Each cell reads ``ours (paper)``; ours is the mean ± std over the seeds found. Tables 1-2
 use the test sets of the training languages (TyDi: its dev set, as in the paper), Tables 3-5
-the zero-shot sets; MasakhaNER (not in the paper) prints one table of each.
+the zero-shot sets; MasakhaNER (not in the paper) prints one table of each. The columns are
+the languages that were run (all of the paper's when none was), and Avg. is the mean over
+those columns, for the paper's numbers too.
 """
 
 from __future__ import annotations
@@ -144,9 +146,10 @@ def table(task: str, runs: list[dict[str, Any]], at: str, split: str | None = No
     by_method: dict[str, list[dict[str, dict[str, float]]]] = defaultdict(list)
     for run in runs:
         by_method[run["config"]["method"]].append(scores_by_language(run, at, split))
-    langs = list(spec["langs"]) or sorted(
-        {lang for m in by_method.values() for s in m for lang in s}
-    )
+    ran = {lang for m in by_method.values() for s in m for lang in s}
+    # the languages we ran, in the paper's order; Avg. is over these columns, the paper's too
+    langs = [x for x in spec["langs"] if x in ran or not ran] + sorted(ran - set(spec["langs"]))
+    paper_column = {lang: i for i, lang in enumerate(spec["langs"])}
     metrics = spec["metric"].split("/")
     where = {"test": "test sets", "zero_shot": "zero-shot sets"}[split]
     lines = [f"### {spec['title']}, {where}  (ours at {at} (paper); n = seeds)", ""]
@@ -158,7 +161,7 @@ def table(task: str, runs: list[dict[str, Any]], at: str, split: str | None = No
         if not ours and paper is None:
             continue
         cells = []
-        for i, lang in enumerate([*langs, "Avg."]):
+        for lang in [*langs, "Avg."]:
             parts = []
             for k, metric in enumerate(metrics):
                 if lang == "Avg.":
@@ -170,12 +173,10 @@ def table(task: str, runs: list[dict[str, Any]], at: str, split: str | None = No
                 else:
                     per_seed = [s[lang][metric] for s in ours if lang in s]
                 text = _fmt(per_seed)
-                if paper is not None:
-                    if lang == "Avg.":
-                        ref = statistics.fmean((v[k] if isinstance(v, tuple) else v) for v in paper)
-                    else:
-                        v = paper[i]
-                        ref = v[k] if isinstance(v, tuple) else v
+                columns = [x for x in langs if x in paper_column] if lang == "Avg." else [lang]
+                if paper is not None and columns and all(x in paper_column for x in columns):
+                    refs = [paper[paper_column[x]] for x in columns]
+                    ref = statistics.fmean((v[k] if isinstance(v, tuple) else v) for v in refs)
                     text += f" ({ref:.1f})"
                 parts.append(text)
             cells.append(" / ".join(parts))
