@@ -173,7 +173,7 @@ def table(task: str, runs: list[dict[str, Any]], at: str, split: str | None = No
                 else:
                     per_seed = [s[lang][metric] for s in ours if lang in s]
                 text = _fmt(per_seed)
-                columns = [x for x in langs if x in paper_column] if lang == "Avg." else [lang]
+                columns = langs if lang == "Avg." else [lang]
                 if paper is not None and columns and all(x in paper_column for x in columns):
                     refs = [paper[paper_column[x]] for x in columns]
                     ref = statistics.fmean((v[k] if isinstance(v, tuple) else v) for v in refs)
