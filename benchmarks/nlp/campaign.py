@@ -126,17 +126,21 @@ def jobs() -> list[Job]:
             else:
                 out.append(Job(group, name, fixed))
 
+    def baselines(group: str, budget: list[str], num_tasks: int = len(LANGS)) -> None:
+        """PCGrad, GradVac, GradNorm, and STL (one model per task, the same total budget)."""
+        for method in ("pcgrad", "gradvac", "gradnorm"):
+            out.append(Job(group, f"{method}_seed0", [*budget, "--method", method]))
+        per_task = int(budget[budget.index("--budget") + 1]) // num_tasks
+        stl = [*budget, "--budget", str(per_task), "--eval-every", str(per_task // 4)]
+        out.append(Job(group, "stl_seed0", [*stl, "--method", "stl"]))
+
     for seed in SEEDS:
         headline("balanced", BALANCED, seed)
     headline("imbalanced", IMBALANCED, 0)
-    for method in ("pcgrad", "gradvac", "gradnorm"):
-        out.append(Job("balanced", f"{method}_seed0", [*BALANCED, "--method", method]))
+    baselines("balanced", BALANCED)
     # 200 MTL steps in all: RecAdam's annealing midpoint at step 100, not 1000
     recadam = [*BALANCED, "--method", "recadam", "--recadam-t0", "100"]
     out.append(Job("balanced", "recadam_seed0", recadam))
-    # STL: one model per language, the same total budget split over the five
-    stl = ["--task", "masakhaner", "--budget", "200", "--eval-every", "50", "--method", "stl"]
-    out.append(Job("balanced", "stl_seed0", stl))
     headline("wikiann", WIKIANN, 0, num_tasks=3)
     # one long balanced run per method, to where MTL has plateaued: 20 outer updates of K=250
     for method, extra in (
@@ -150,10 +154,7 @@ def jobs() -> list[Job]:
     # are cheap (3 tasks of 1000 sentences), so it gets the headline seeds and the baselines
     for seed in SEEDS[1:]:
         headline("wikiann", WIKIANN, seed, num_tasks=3)
-    for method in ("pcgrad", "gradvac", "gradnorm"):
-        out.append(Job("wikiann", f"{method}_seed0", [*WIKIANN, "--method", method]))
-    stl = [*WIKIANN, "--budget", "200", "--eval-every", "50", "--method", "stl"]
-    out.append(Job("wikiann", "stl_seed0", stl))
+    baselines("wikiann", WIKIANN, num_tasks=3)
     for seed in SEEDS[1:]:
         headline("imbalanced", IMBALANCED, seed)
     return out
