@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from tests.helpers import TwoHeadNet, make_model
+from tests.helpers import TwoHeadNet, make_model, slow_by_index
 from torch_seqreptile import Reptile, SeqReptile, TaskBatchSampler
 
 # ---------------------------------------------------------------- SeqReptile under DDP
@@ -57,7 +57,7 @@ def make_seqreptile(model: nn.Module) -> SeqReptile:
 def snapshot(opt: SeqReptile | Reptile) -> dict[str, list[Tensor]]:
     """phi (theta itself for parameters that have no slow copy yet) and theta."""
     params = [p.detach() for p in opt.params()]
-    phi = [opt.slow.get(i, p).detach().clone() for i, p in enumerate(params)]
+    phi = [slow_by_index(opt).get(i, p).detach().clone() for i, p in enumerate(params)]
     return {"phi": phi, "theta": [p.clone() for p in params]}
 
 
@@ -209,9 +209,9 @@ def parallel_reptile_resume(rank: int, out: Path) -> dict[str, list[Tensor]]:
                     for param in model.parameters():
                         param.zero_()
                 opt.optimizer.state.clear()
-                opt.slow.clear()
-                opt.endpoint_sums.clear()
-                opt.trajectory_index = opt.trajectory_step = 0
+                opt.state.clear()
+                for group in opt.param_groups:
+                    group["trajectory_index"] = group["trajectory_step"] = 0
                 state = torch.load(path, weights_only=True)
                 model.load_state_dict(state["model"])
                 opt.load_state_dict(state["optimizer"])
@@ -296,14 +296,16 @@ def fsdp_run(rank: int, world_size: int, out: Path) -> dict[str, Any]:
         fsdp_train(resumed, resumed_opt, range(FSDP_STOP_AT, FSDP_STEPS), rank, world_size)
         results[impl] = {
             "params_are_dtensors": [isinstance(p, DTensor) for p in model.parameters()],
-            "slow_are_dtensors": [isinstance(s, DTensor) for s in opt.slow.values()],
+            "slow_are_dtensors": [isinstance(s, DTensor) for s in slow_by_index(opt).values()],
             "saved_are_dtensors": [
-                isinstance(s, DTensor) for s in state["optimizer"]["slow"].values()
+                isinstance(s["slow_weight"], DTensor) for s in state["optimizer"]["state"].values()
             ],
             "local_numels": [p.to_local().numel() for p in model.parameters()],
-            "phi": [full(opt.slow[i]) for i in sorted(opt.slow)],
+            "phi": [full(slow_by_index(opt)[i]) for i in sorted(slow_by_index(opt))],
             "theta": [full(p) for p in model.parameters()],
-            "resumed_phi": [full(resumed_opt.slow[i]) for i in sorted(resumed_opt.slow)],
+            "resumed_phi": [
+                full(slow_by_index(resumed_opt)[i]) for i in sorted(slow_by_index(resumed_opt))
+            ],
             "resumed_theta": [full(p) for p in resumed.parameters()],
         }
     return results
@@ -314,7 +316,7 @@ def fsdp_reference() -> dict[str, list[Tensor]]:
     opt = fsdp_optimizer(model, "foreach")
     fsdp_train(model, opt, range(FSDP_STEPS), 0, 1)
     return {
-        "phi": [opt.slow[i].clone() for i in sorted(opt.slow)],
+        "phi": [slow_by_index(opt)[i].clone() for i in sorted(slow_by_index(opt))],
         "theta": [p.detach().clone() for p in model.parameters()],
     }
 

@@ -118,3 +118,16 @@ def reference_reptile(
                 slow -= outer_lr * mean_meta_gradient
                 p.copy_(slow)
     return phi
+
+
+def slow_by_index(opt: torch.optim.Optimizer, key: str = "slow_weight") -> dict[int, torch.Tensor]:
+    """``opt.state[p][key]`` (phi by default) of every tracked parameter, by its index."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    return {i: opt.state[p][key] for i, p in enumerate(params) if key in opt.state.get(p, {})}
+
+
+def step_counter(opt: torch.optim.Optimizer) -> list[int]:
+    """A list that grows by one at every completed ``opt.step()`` (a step post-hook)."""
+    calls: list[int] = []
+    opt.register_step_post_hook(lambda *_: calls.append(len(calls)))
+    return calls

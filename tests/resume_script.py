@@ -67,7 +67,8 @@ def main() -> None:
                 return
             if step == args.steps:
                 break
-    torch.save({"model": model.state_dict(), "slow": opt.state_dict()["slow"]}, args.out)
+    slow = {i: entry["slow_weight"] for i, entry in opt.state_dict()["state"].items()}
+    torch.save({"model": model.state_dict(), "slow": slow}, args.out)
 
 
 if __name__ == "__main__":

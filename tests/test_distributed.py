@@ -184,7 +184,9 @@ def test_checkpoint_from_rank0_resumes_two_process_run_exactly(
     out, ranks = main_run
     checkpoint = torch.load(out / "ddp_checkpoint.pt", weights_only=True)
     assert checkpoint["step"] == worker.DDP_STOP_AT
-    assert checkpoint["optimizer"]["trajectory_step"] == worker.DDP_STOP_AT % worker.DDP_INNER_STEPS
+    assert checkpoint["optimizer"]["param_groups"][0]["trajectory_step"] == (
+        worker.DDP_STOP_AT % worker.DDP_INNER_STEPS
+    )
     result = launch("resume", out)
     check_ok(result)
     for rank in range(WORLD_SIZE):
@@ -286,7 +288,7 @@ def test_parallel_needs_an_initialised_process_group() -> None:
         Reptile(inner, 2, 0.5, 3, process_group=object())
     serial = Reptile(inner, 2, 0.5, 3)
     assert (serial.rank, serial.group_size, serial.trajectories_per_round) == (0, 1, 3)
-    assert serial.state_dict()["group_size"] == 1
+    assert serial.state_dict()["param_groups"][0]["process_group_size"] == 1
 
 
 # ---------------------------------------------------------------- failure

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import INNER_OPTIMIZERS, loss_at, make_inner, make_model, reference_reptile
+from tests.helpers import (
+    INNER_OPTIMIZERS,
+    loss_at,
+    make_inner,
+    make_model,
+    reference_reptile,
+    slow_by_index,
+)
 from torch_seqreptile import Reptile, SeqReptile, TaskBatchSampler
 
 
@@ -40,7 +47,7 @@ def test_matches_eq_2_3(inner_name: str, seed: int) -> None:
     torch.testing.assert_close(model.state_dict(), ref_model.state_dict(), rtol=1e-12, atol=1e-12)
     params = list(opt.params())
     for index, expected in enumerate(ref_phi):
-        torch.testing.assert_close(opt.slow.get(index, params[index]), expected)
+        torch.testing.assert_close(slow_by_index(opt).get(index, params[index]), expected)
     assert fed == [t for _ in range(num_rounds) for t in range(3) for _ in range(inner_steps)]
 
 
@@ -69,12 +76,14 @@ def test_one_task_equals_seqreptile() -> None:
 def test_outer_step_ends_a_partial_round_with_the_mean_so_far() -> None:
     _model, opt, _ = run_reptile("sgd", 5, 2, 0.5, 3)  # task 0 done, task 1 done, task 2 at k=1
     params = list(opt.params())
-    phi = {i: s.clone() for i, s in opt.slow.items()}
-    ends = {i: opt.endpoint_sums[i] + params[i].detach() for i in opt.slow}
+    phi = {i: s.clone() for i, s in slow_by_index(opt).items()}
+    ends = {
+        i: slow_by_index(opt, "endpoint_sum")[i] + params[i].detach() for i in slow_by_index(opt)
+    }
     opt.outer_step()
-    for i in opt.slow:
+    for i in slow_by_index(opt):
         expected = phi[i] - 0.5 * (phi[i] - ends[i] / 3)
-        torch.testing.assert_close(opt.slow[i], expected)
-        torch.testing.assert_close(params[i].detach(), opt.slow[i], rtol=0, atol=0)
+        torch.testing.assert_close(slow_by_index(opt)[i], expected)
+        torch.testing.assert_close(params[i].detach(), slow_by_index(opt)[i], rtol=0, atol=0)
     assert opt.current_task == 0 and opt.trajectory_step == 0
-    assert all(bool((s == 0).all()) for s in opt.endpoint_sums.values())
+    assert all(bool((s == 0).all()) for s in slow_by_index(opt, "endpoint_sum").values())

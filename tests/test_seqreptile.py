@@ -12,6 +12,7 @@ from tests.helpers import (
     make_model,
     param_groups,
     reference_seqreptile,
+    slow_by_index,
 )
 from torch_seqreptile import SeqReptile
 from torch_seqreptile._interpolate import OUTER_IMPLS
@@ -51,7 +52,9 @@ def run_reference(
 def assert_phi_equal(opt: SeqReptile, reference_phi: list[torch.Tensor], **tol: float) -> None:
     params = list(opt.params())
     for index, expected in enumerate(reference_phi):
-        actual = opt.slow.get(index, params[index])  # untracked parameters are still at phi
+        actual = slow_by_index(opt).get(
+            index, params[index]
+        )  # untracked parameters are still at phi
         torch.testing.assert_close(actual, expected, **tol)
 
 
@@ -69,7 +72,6 @@ def test_matches_algorithm_1(inner_name: str, seed: int) -> None:
     ref_model, ref_phi = run_reference(inner_name, num_steps, inner_steps, outer_lr, with_scheduler)
     torch.testing.assert_close(model.state_dict(), ref_model.state_dict(), rtol=1e-12, atol=1e-12)
     assert_phi_equal(opt, ref_phi, rtol=1e-12, atol=1e-12)
-    assert opt.num_steps == num_steps
     assert opt.trajectory_step == num_steps % inner_steps
 
 
@@ -126,7 +128,7 @@ def test_outer_lr_zero_never_moves_phi() -> None:
     initial = make_model().state_dict()
     model, opt = run_seqreptile("adam", 7, 3, 0.0)
     params = list(opt.params())
-    for index, slow in opt.slow.items():
+    for index, slow in slow_by_index(opt).items():
         name = next(n for n, p in model.named_parameters() if p is params[index])
         torch.testing.assert_close(slow, initial[name], rtol=0, atol=0)
     assert opt.trajectory_step == 1
@@ -134,7 +136,7 @@ def test_outer_lr_zero_never_moves_phi() -> None:
     torch.testing.assert_close(model.state_dict(), initial, rtol=0, atol=0)
 
 
-def test_param_groups_and_state_are_the_inner_objects() -> None:
+def test_param_groups_are_the_inner_list_and_state_is_split() -> None:
     model = make_model()
     inner = torch.optim.AdamW(model.parameters(), lr=1e-3)
     opt = SeqReptile(inner, 2, 0.1)
@@ -144,11 +146,16 @@ def test_param_groups_and_state_are_the_inner_objects() -> None:
     opt.step()
     scheduler.step()
     assert inner.param_groups[0]["lr"] == pytest.approx(0.75e-3)
-    assert opt.state is inner.state and len(inner.state) > 0
+    # the wrapper's state holds phi only; the inner optimizer keeps its own
+    assert len(inner.state) > 0
+    assert {frozenset(s) for s in opt.state.values()} == {frozenset({"slow_weight"})}
+    assert {frozenset(s) for s in inner.state.values()} == {
+        frozenset({"step", "exp_avg", "exp_avg_sq"})
+    }
     opt.zero_grad()
     assert all(p.grad is None for p in model.parameters())
     inner.load_state_dict(inner.state_dict())  # rebinds the inner attributes
-    assert opt.param_groups is inner.param_groups and opt.state is inner.state
+    assert opt.param_groups is inner.param_groups
 
 
 def test_step_hooks_and_closure() -> None:
@@ -166,7 +173,7 @@ def test_step_hooks_and_closure() -> None:
 
     loss = opt.step(closure)
     assert calls == ["pre", "post"]
-    assert isinstance(loss, torch.Tensor) and opt.num_steps == 1
+    assert isinstance(loss, torch.Tensor) and opt.trajectory_step == 1
 
 
 def test_slow_weights_context_and_outer_step() -> None:
@@ -174,7 +181,7 @@ def test_slow_weights_context_and_outer_step() -> None:
     fast = {k: v.clone() for k, v in model.state_dict().items()}
     params = list(opt.params())
     with opt.slow_weights():
-        for index, slow in opt.slow.items():
+        for index, slow in slow_by_index(opt).items():
             torch.testing.assert_close(params[index].detach(), slow, rtol=0, atol=0)
     torch.testing.assert_close(model.state_dict(), fast, rtol=0, atol=0)
     ref_model, ref_phi = run_reference("adamw", 5, 3, 0.25)
@@ -184,7 +191,7 @@ def test_slow_weights_context_and_outer_step() -> None:
         with torch.no_grad():
             slow -= 0.25 * (slow - p)
     assert_phi_equal(opt, ref_phi)
-    for index, slow in opt.slow.items():
+    for index, slow in slow_by_index(opt).items():
         torch.testing.assert_close(params[index].detach(), slow, rtol=0, atol=0)
     assert opt.trajectory_step == 0
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -195,16 +202,17 @@ def test_slow_weights_context_and_outer_step() -> None:
 def test_reset_inner_state_clears_adam_moments_at_outer_steps() -> None:
     _, kept = run_seqreptile("adam", 6, 3, 0.5)
     _, reset = run_seqreptile("adam", 6, 3, 0.5, reset_inner_state=True)
-    assert len(kept.state) > 0 and len(reset.state) == 0
+    assert len(kept.optimizer.state) > 0 and len(reset.optimizer.state) == 0
+    assert len(reset.state) == len(kept.state) > 0  # phi is not inner state
     _, reset = run_seqreptile("adam", 7, 3, 0.5, reset_inner_state=True)
-    assert all(int(s["step"]) == 1 for s in reset.state.values())
+    assert all(int(s["step"]) == 1 for s in reset.optimizer.state.values())
 
 
 def test_slow_device_results_match_reference() -> None:
     """phi on an explicit device (CPU here; the cross-device path needs a GPU to exercise)."""
     model, opt = run_seqreptile("adamw", 8, 3, 0.4, slow_device="cpu")
     ref_model, ref_phi = run_reference("adamw", 8, 3, 0.4)
-    assert all(s.device == torch.device("cpu") for s in opt.slow.values())
+    assert all(s.device == torch.device("cpu") for s in slow_by_index(opt).values())
     torch.testing.assert_close(model.state_dict(), ref_model.state_dict())
     assert_phi_equal(opt, ref_phi)
 
@@ -216,7 +224,7 @@ def test_frozen_parameters_get_no_slow_copy() -> None:
     loss_at(model, 0).backward()
     opt.step()
     params = list(opt.params())
-    tracked = {params[i] for i in opt.slow}
+    tracked = {params[i] for i in slow_by_index(opt)}
     assert model.trunk[0].weight not in tracked and model.unused not in tracked
     assert model.trunk[2].weight in tracked
 
@@ -232,5 +240,5 @@ def test_add_param_group_tracks_new_parameters() -> None:
         loss_at(model, step).backward()
         seen_grad |= {i for i, p in enumerate(opt.params()) if p.grad is not None}
         opt.step()
-    assert set(opt.slow) == seen_grad
+    assert set(slow_by_index(opt)) == seen_grad
     assert max(seen_grad) >= len(list(model.trunk.parameters()))

@@ -208,12 +208,12 @@ def assert_unchanged(model, opt, before) -> None:
     for p, g in zip(model.parameters(), grads):
         assert (p.grad is None and g is None) or torch.equal(p.grad, g)
     after = opt.state_dict()
-    assert after["method"].keys() == state["method"].keys()
-    for key, value in state["method"].items():
+    assert after["surgery"]["method_state"].keys() == state["surgery"]["method_state"].keys()
+    for key, value in state["surgery"]["method_state"].items():
         if isinstance(value, torch.Tensor):
-            assert torch.equal(value, after["method"][key]), key
-    if state["rng_state"] is not None:
-        assert torch.equal(state["rng_state"], after["rng_state"])
+            assert torch.equal(value, after["surgery"]["method_state"][key]), key
+    if state["surgery"]["rng_state"] is not None:
+        assert torch.equal(state["surgery"]["rng_state"], after["surgery"]["rng_state"])
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -375,9 +375,9 @@ def test_fresh_process_resume_is_bit_exact(tmp_path: Path) -> None:
         for key, tensor in full["model"].items():
             assert torch.equal(tensor, resumed["model"][key]), (method, key)
         assert any(not torch.equal(start[k], full["model"][k]) for k in start)
-        for key, value in full["opt"]["method"].items():
+        for key, value in full["opt"]["surgery"]["method_state"].items():
             if isinstance(value, torch.Tensor):
-                assert torch.equal(value, resumed["opt"]["method"][key]), (method, key)
+                assert torch.equal(value, resumed["opt"]["surgery"]["method_state"][key]), key
 
 
 if __name__ == "__main__":

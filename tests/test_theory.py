@@ -51,6 +51,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
+from tests.helpers import slow_by_index
 from torch_seqreptile import Reptile, SeqReptile
 from torch_seqreptile._interpolate import OUTER_IMPLS
 
@@ -171,7 +172,7 @@ def run_seqreptile(
         grad_sum += theta.grad
         opt.step()
     assert opt.trajectory_step == 0, "the K-th step must do the outer update"
-    phi_new = opt.slow[0]
+    phi_new = slow_by_index(opt)[0]
     assert torch.equal(theta.detach(), phi_new), "theta <- phi after the outer update"
     return (tasks.phi - phi_new) / outer_lr, alpha * grad_sum
 
@@ -195,7 +196,7 @@ def run_reptile(
         grad_sum += theta.grad
         opt.step()
     assert fed == [t for t in range(tasks.num_tasks) for _ in range(inner_steps)]
-    phi_new = opt.slow[0]
+    phi_new = slow_by_index(opt)[0]
     assert torch.equal(theta.detach(), phi_new)
     return (tasks.phi - phi_new) / outer_lr, alpha * grad_sum / tasks.num_tasks
 
@@ -741,7 +742,12 @@ def test_one_inner_step_is_sgd_with_lr_alpha_times_eta(
     product = {**sgd, "lr": float(sgd["lr"]) * outer_lr}
     plain.train(torch.optim.SGD(plain.all_params(), **product), num_steps)  # type: ignore[arg-type]
     assert_same(model.all_params(), plain.all_params(), rtol=1e-12, atol=1e-12)
-    assert_same([opt.slow[i] for i in sorted(opt.slow)], plain.params, rtol=1e-12, atol=1e-12)
+    assert_same(
+        [slow_by_index(opt)[i] for i in sorted(slow_by_index(opt))],
+        plain.params,
+        rtol=1e-12,
+        atol=1e-12,
+    )
 
 
 @theory_settings(25)
@@ -790,16 +796,22 @@ def test_reptile_with_one_task_is_seqreptile(
         rep.outer_step()
     assert rep.current_task == 0
     assert_same(a.all_params(), b.all_params(), rtol=0, atol=0)
-    assert sorted(seq.slow) == sorted(rep.slow)
+    assert sorted(slow_by_index(seq)) == sorted(slow_by_index(rep))
     assert_same(
-        [seq.slow[i] for i in sorted(seq.slow)],
-        [rep.slow[i] for i in sorted(rep.slow)],
+        [slow_by_index(seq)[i] for i in sorted(slow_by_index(seq))],
+        [slow_by_index(rep)[i] for i in sorted(slow_by_index(rep))],
         rtol=0,
         atol=0,
     )
     assert_same(
-        [seq.outer_buffers[i] for i in sorted(seq.outer_buffers)],
-        [rep.outer_buffers[i] for i in sorted(rep.outer_buffers)],
+        [
+            slow_by_index(seq, "outer_momentum_buffer")[i]
+            for i in sorted(slow_by_index(seq, "outer_momentum_buffer"))
+        ],
+        [
+            slow_by_index(rep, "outer_momentum_buffer")[i]
+            for i in sorted(slow_by_index(rep, "outer_momentum_buffer"))
+        ],
         rtol=0,
         atol=0,
     )
@@ -892,9 +904,11 @@ def test_outer_update_paths_agree_with_algorithm_1(
     runs = {impl: run_impl(impl, *args) for impl in EAGER_IMPLS}
     for impl, (model, opt) in runs.items():
         assert_same(model.params, reference.params, rtol=1e-12, atol=1e-12)
-        tracked = [opt.slow.get(i, p) for i, p in enumerate(model.params)]
+        tracked = [slow_by_index(opt).get(i, p) for i, p in enumerate(model.params)]
         assert_same(tracked, phi, rtol=1e-12, atol=1e-12)
-        assert len(opt.slow) == len(model.params), f"{impl}: the unused parameter got a slow copy"
+        assert len(slow_by_index(opt)) == len(model.params), (
+            f"{impl}: the unused parameter got a slow copy"
+        )
         base_model, _ = runs["foreach"]
         assert_same(model.all_params(), base_model.all_params(), rtol=1e-14, atol=1e-15)
 
@@ -910,13 +924,13 @@ def test_compiled_outer_update_agrees() -> None:
     phi = reference_run(reference, {"lr": 0.1, "momentum": 0.5}, 2, 7, 0.3, 0.0, False)
     assert_same(model.all_params(), base_model.all_params(), rtol=1e-14, atol=1e-15)
     assert_same(
-        [opt.slow[i] for i in range(2)],
-        [base_opt.slow[i] for i in range(2)],
+        [slow_by_index(opt)[i] for i in range(2)],
+        [slow_by_index(base_opt)[i] for i in range(2)],
         rtol=1e-14,
         atol=1e-15,
     )
     assert_same(model.params, reference.params, rtol=1e-12, atol=1e-12)
-    assert_same([opt.slow[i] for i in range(2)], phi, rtol=1e-12, atol=1e-12)
+    assert_same([slow_by_index(opt)[i] for i in range(2)], phi, rtol=1e-12, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------- the assertion

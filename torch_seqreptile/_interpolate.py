@@ -17,14 +17,18 @@ Paths (``impl``):
 * ``"foreach"``: ``torch._foreach_*`` over tensors grouped by device and dtype (default).
 * ``"compiled"``: the foreach function through ``torch.compile``, which fuses the update and
   both writes into one pass over memory.
-* ``"per_tensor"``: a plain loop; also the path used when ``slow`` and ``fast`` live on
-  different devices (``slow_device``).
+* ``"per_tensor"``: a plain loop; also the path of every tensor whose ``slow``, ``target``
+  and ``fast`` differ in device (``slow_device``) or dtype (float32 slow weights of bf16/fp16
+  parameters). There ``target`` is converted to ``slow``'s device and dtype and ``fast`` is
+  rounded from ``slow`` (``copy_``), with blocking copies: a device-to-host copy is read on
+  the host only once it has landed.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -63,7 +67,7 @@ def _update_per_tensor(
     nesterov: bool,
 ) -> None:
     for i, (s, t, f) in enumerate(zip(slow, target, fast)):
-        t = t.to(s.device, non_blocking=True)
+        t = t.to(device=s.device, dtype=s.dtype)  # blocking: no unsynchronised host read
         if momentum == 0.0:
             s.lerp_(t, outer_lr)
         else:
@@ -72,7 +76,12 @@ def _update_per_tensor(
             buf.mul_(momentum).add_(meta_grad)
             direction = meta_grad.add_(buf, alpha=momentum) if nesterov else buf
             s.add_(direction, alpha=-outer_lr)
-        f.copy_(s, non_blocking=True)
+        f.copy_(s)
+
+
+def _same_kind(*tensors: Tensor) -> bool:
+    first = tensors[0]
+    return all(t.device == first.device and t.dtype == first.dtype for t in tensors[1:])
 
 
 @functools.cache
@@ -80,10 +89,8 @@ def _compiled_update() -> Callable[..., None]:
     return torch.compile(_update_foreach, fullgraph=True, dynamic=False)
 
 
-_KERNELS: dict[str, Callable[..., None]] = {
-    "foreach": _update_foreach,
-    "per_tensor": _update_per_tensor,
-}
+def _select(lists: list[list[Tensor]], indices: list[int]) -> list[list[Tensor]]:
+    return [[tensors[i] for i in indices] if tensors else [] for tensors in lists]
 
 
 @torch.no_grad()
@@ -105,16 +112,28 @@ def outer_update_(
     """
     if not slow:
         return
-    if any(s.device != f.device for s, f in zip(slow, fast)):
+    if impl == "per_tensor":
         _update_per_tensor(slow, target, fast, buffers, outer_lr, momentum, nesterov)
         return
-    kernel = _compiled_update() if impl == "compiled" else _KERNELS[impl]
-    if impl == "per_tensor":
-        kernel(slow, target, fast, buffers, outer_lr, momentum, nesterov)
-        return
+    uniform = [_same_kind(s, t, f) for s, t, f in zip(slow, target, fast)]
+    if not all(uniform):
+        lists = [slow, target, fast, buffers]
+        s, t, f, b = _select(lists, [i for i, same in enumerate(uniform) if not same])
+        _update_per_tensor(s, t, f, b, outer_lr, momentum, nesterov)
+        slow, target, fast, buffers = _select(lists, [i for i, same in enumerate(uniform) if same])
+        if not slow:
+            return
+    kernel = _compiled_update() if impl == "compiled" else _update_foreach
     tensor_lists = [slow, target, fast] + ([buffers] if buffers else [])
     grouped = torch.utils._foreach_utils._group_tensors_by_device_and_dtype(tensor_lists)  # type: ignore[arg-type]
     for group_lists, _ in grouped.values():
-        s, t, f = group_lists[0], group_lists[1], group_lists[2]
-        b = group_lists[3] if buffers else []
-        kernel(s, t, f, b, outer_lr, momentum, nesterov)
+        lists = cast(list[list[Tensor]], group_lists)
+        b = lists[3] if buffers else []
+        kernel(lists[0], lists[1], lists[2], b, outer_lr, momentum, nesterov)
+
+
+@torch.no_grad()
+def copy_weights_(dst: list[Tensor], src: list[Tensor]) -> None:
+    """``dst[i] <- src[i]`` (rounded to ``dst``'s dtype), with blocking cross-device copies."""
+    if dst:
+        torch._foreach_copy_(dst, src)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -10,10 +11,29 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from torch_seqreptile._interpolate import OUTER_IMPLS, outer_update_
-from torch_seqreptile._validation import check_float, check_int
-from torch_seqreptile._wrapper import OptimizerWrapper, clone_to
+from torch_seqreptile._interpolate import OUTER_IMPLS, copy_weights_, outer_update_
+from torch_seqreptile._validation import check_bool, check_float, check_int
+from torch_seqreptile._wrapper import OptimizerWrapper, clone_to, saved_id_map
 from torch_seqreptile.distributed import local_tensor
+
+#: keys of the wrapper's entries in ``state[p]`` (and in ``state_dict()["state"][i]``)
+SLOW_WEIGHT = "slow_weight"
+OUTER_BUFFER = "outer_momentum_buffer"
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+#: constructor argument of each param-group key whose name differs
+_ARGUMENT_OF = {"outer_nesterov": "nesterov"}
+
+
+def _keys_of_all_wrappers() -> set[str]:
+    """Every group and state key of SlowWeightsOptimizer and its subclasses."""
+    keys: set[str] = set()
+    classes: list[type[SlowWeightsOptimizer]] = [SlowWeightsOptimizer]
+    while classes:
+        cls = classes.pop()
+        keys.update(cls._hyperparameters, cls._counters, cls._state_keys)
+        classes.extend(cls.__subclasses__())
+    return keys
 
 
 class SlowWeightsOptimizer(OptimizerWrapper):
@@ -22,10 +42,29 @@ class SlowWeightsOptimizer(OptimizerWrapper):
     Subclasses decide *when* an outer update happens and *what* phi moves toward; this class
     owns phi, the optional outer momentum buffers, the kernels and the serialised state.
 
+    State, in torch's layout: ``state[p]`` holds ``slow_weight`` (phi) and, with outer
+    momentum, ``outer_momentum_buffer``; every param group holds the outer hyperparameters
+    (``inner_steps``, ``outer_lr``, ``outer_momentum``, ``outer_nesterov``,
+    ``reset_inner_state``)
+    and the counter ``trajectory_step`` (inner steps since the group's last outer update).
+
     Slow copies are created lazily, for a parameter the first time it has a gradient when
     ``step`` is called: until then the inner optimizer has never changed it, so its current
     value is still phi. Frozen parameters therefore cost no memory.
     """
+
+    #: per-parameter state keys owned by the wrapper
+    _state_keys: tuple[str, ...] = (SLOW_WEIGHT, OUTER_BUFFER)
+    #: per-group counters owned by the wrapper (besides its hyperparameters)
+    _counters: tuple[str, ...] = ("trajectory_step",)
+    #: per-group hyperparameters owned by the wrapper
+    _hyperparameters: tuple[str, ...] = (
+        "inner_steps",
+        "outer_lr",
+        "outer_momentum",
+        "outer_nesterov",
+        "reset_inner_state",
+    )
 
     def __init__(
         self,
@@ -37,54 +76,118 @@ class SlowWeightsOptimizer(OptimizerWrapper):
         nesterov: bool = False,
         reset_inner_state: bool = False,
         slow_device: torch.device | str | None = None,
+        slow_dtype: torch.dtype | None = None,
         outer_impl: str = "foreach",
         reject_nonfinite: bool = False,
+        extra_defaults: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(optimizer)
-        self.inner_steps = check_int("inner_steps", inner_steps, 1)
-        self.outer_lr = check_float("outer_lr", outer_lr, 0.0, 1.0, open_high=False)
-        self.outer_momentum = check_float(
-            "outer_momentum", outer_momentum, 0.0, 1.0, open_high=True
-        )
-        if nesterov and self.outer_momentum == 0.0:
-            raise ValueError("nesterov=True requires outer_momentum > 0")
+        defaults = {
+            "inner_steps": inner_steps,
+            "outer_lr": outer_lr,
+            "outer_momentum": outer_momentum,
+            "outer_nesterov": nesterov,
+            "reset_inner_state": reset_inner_state,
+            **(extra_defaults or {}),
+        }
+        self._check_group(defaults, "")
         if outer_impl not in OUTER_IMPLS:
             raise ValueError(f"outer_impl must be one of {OUTER_IMPLS}, got {outer_impl!r}")
-        self.nesterov = bool(nesterov)
-        self.reset_inner_state = bool(reset_inner_state)
+        if slow_dtype is not None and (
+            not isinstance(slow_dtype, torch.dtype) or not slow_dtype.is_floating_point
+        ):
+            raise TypeError(
+                f"slow_dtype must be a floating torch.dtype or None, got {slow_dtype!r}"
+            )
         self.slow_device = None if slow_device is None else torch.device(slow_device)
+        self.slow_dtype = slow_dtype
         self.outer_impl = outer_impl
-        self.reject_nonfinite = bool(reject_nonfinite)
-        self.slow: dict[int, Tensor] = {}
-        self.outer_buffers: dict[int, Tensor] = {}
-        self.num_steps = 0  # inner steps taken in total
-        self.trajectory_step = 0  # inner steps since the last outer update
-        self._untracked = list(range(sum(1 for _ in self.params())))
+        self.reject_nonfinite = check_bool("reject_nonfinite", reject_nonfinite)
+        # (param, group index) of the parameters without a slow copy yet; None: recompute
+        self._untracked: list[tuple[Tensor, int]] | None = None
+        self._num_params = -1
+        super().__init__(optimizer, defaults)
+
+    # ------------------------------------------------------------------ groups
+    def _check_group(self, group: dict[str, Any], where: str) -> None:
+        def name(key: str) -> str:
+            return f"{where}[{key!r}]" if where else _ARGUMENT_OF.get(key, key)
+
+        check_int(name("inner_steps"), group["inner_steps"], 1)
+        check_float(name("outer_lr"), group["outer_lr"], 0.0, 1.0, open_high=False)
+        momentum = check_float(
+            name("outer_momentum"), group["outer_momentum"], 0.0, 1.0, open_high=True
+        )
+        if check_bool(name("outer_nesterov"), group["outer_nesterov"]) and momentum == 0.0:
+            raise ValueError(f"{name('outer_nesterov')}=True requires outer_momentum > 0")
+        check_bool(name("reset_inner_state"), group["reset_inner_state"])
+
+    def _check_counters(self, group: dict[str, Any], where: str) -> None:
+        for key in self._counters:
+            check_int(f"{where}[{key!r}]", group[key], 0)
+
+    def _init_group(self, group: dict[str, Any]) -> None:
+        group["trajectory_step"] = 0
+
+    def _checked_groups(self) -> list[dict[str, Any]]:
+        """The param groups, each validated (a user or scheduler may have changed them).
+
+        A group added to the inner optimizer directly gets the wrapper's defaults first.
+        """
+        groups = self.param_groups
+        for index, group in enumerate(groups):
+            if "trajectory_step" not in group:
+                for key, value in self._own_defaults.items():
+                    group.setdefault(key, value)
+                self._init_group(group)
+            self._check_group(group, f"param_groups[{index}]")
+            self._check_counters(group, f"param_groups[{index}]")
+        return groups
 
     # ------------------------------------------------------------------ hooks for subclasses
-    def _on_track(self, index: int, param: Tensor) -> None:
-        """Called when parameter ``index`` gets its slow copy (Reptile sizes its buffers)."""
-
-    def _after_inner_step(self) -> None:
+    def _after_inner_step(self, groups: list[dict[str, Any]]) -> None:
         raise NotImplementedError
 
+    def _new_state(self, param: Tensor, slow: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+        """The state of a parameter getting its slow copy ``slow`` now."""
+        entry = {SLOW_WEIGHT: slow}
+        if group["outer_momentum"] > 0.0:
+            entry[OUTER_BUFFER] = torch.zeros_like(slow)
+        return entry
+
     # ------------------------------------------------------------------ public API
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """Take one inner step with the wrapped optimizer; do the outer update when due."""
-        if self._untracked:
-            self._track_new_params()
-        if self.reject_nonfinite:
-            self._check_finite_grads()
-        loss = self.optimizer.step(closure)
-        self.num_steps += 1
-        self.trajectory_step += 1
-        self._after_inner_step()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Take one inner step with the wrapped optimizer; do the outer update when due.
+
+        With a ``closure`` the new parameters are tracked (and, with ``reject_nonfinite``,
+        the gradients checked) right after its first evaluation, before the inner optimizer
+        changes any weight — exactly as on the plain path ``loss.backward(); step()``.
+        """
+        groups = self._checked_groups()
+        if closure is None:
+            self._before_inner_step()
+            loss = self._inner_step(None)
+        else:
+            prepared = False
+
+            def closure_then_prepare() -> Any:
+                nonlocal prepared
+                value = closure()
+                if not prepared:
+                    prepared = True
+                    self._before_inner_step()
+                return value
+
+            loss = self._inner_step(closure_then_prepare)
+            if not prepared:  # an inner optimizer that ignores its closure
+                self._before_inner_step()
+        for group in groups:
+            group["trajectory_step"] += 1
+        self._after_inner_step(groups)
         return loss
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        num_before = sum(1 for _ in self.params())
         super().add_param_group(param_group)
-        self._untracked.extend(range(num_before, sum(1 for _ in self.params())))
+        self._untracked = None
 
     @contextmanager
     def slow_weights(self) -> Iterator[None]:
@@ -93,126 +196,202 @@ class SlowWeightsOptimizer(OptimizerWrapper):
         Use it to evaluate or save the weights the method keeps without ending the inner
         trajectory. Costs one temporary copy of the tracked parameters.
         """
-        _, slow, fast = self._tracked()
+        fast = [p for p in self.params() if p in self.state]
+        slow = [self.state[p][SLOW_WEIGHT] for p in fast]
         with torch.no_grad():
             backup = [f.detach().clone() for f in fast]
-            for f, s in zip(fast, slow):
-                f.copy_(s)
+            copy_weights_(fast, slow)
         try:
             yield
         finally:
-            with torch.no_grad():
-                for f, b in zip(fast, backup):
-                    f.copy_(b)
+            copy_weights_(fast, backup)
 
     # ------------------------------------------------------------------ internals
-    def _tracked(self) -> tuple[list[int], list[Tensor], list[Tensor]]:
-        params = list(self.params())
-        indices = sorted(self.slow)
-        return indices, [self.slow[i] for i in indices], [params[i] for i in indices]
+    def _slow_dtype(self, param: Tensor) -> torch.dtype:
+        if self.slow_dtype is not None:
+            return self.slow_dtype
+        return torch.float32 if param.dtype in _LOW_PRECISION else param.dtype
+
+    def _before_inner_step(self) -> None:
+        if self.reject_nonfinite:
+            self._check_finite_grads()
+        self._track_new_params()
 
     def _track_new_params(self) -> None:
-        params = list(self.params())
+        groups = self.param_groups
+        num_params = sum(len(g["params"]) for g in groups)
+        if self._untracked is None or num_params != self._num_params:
+            self._num_params = num_params
+            self._untracked = [
+                (p, gi) for gi, g in enumerate(groups) for p in g["params"] if p not in self.state
+            ]
+        if not self._untracked:
+            return
         still_untracked = []
-        for index in self._untracked:
-            param = params[index]
+        for param, group_index in self._untracked:
             if param.grad is None:
-                still_untracked.append(index)
+                still_untracked.append((param, group_index))
                 continue
-            self.slow[index] = clone_to(param, self.slow_device)
-            self._on_track(index, param)
+            slow = clone_to(param, self.slow_device, self._slow_dtype(param))
+            self.state[param] = self._new_state(param, slow, groups[group_index])
         self._untracked = still_untracked
 
     def _check_finite_grads(self) -> None:
-        for index, param in enumerate(self.params()):
-            if param.grad is not None and not bool(torch.isfinite(param.grad).all()):
-                raise ValueError(
-                    f"gradient of parameter {index} (shape {tuple(param.shape)}) is not finite; "
-                    "reject_nonfinite=True refuses the step (nothing was updated)"
-                )
+        """One host-device synchronisation per device: all gradients finite, or raise."""
+        by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
+        for param in self.params():
+            if param.grad is not None:
+                by_device[param.grad.device].append(param.grad)
+        for grads in by_device.values():
+            if bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+                continue
+            for index, param in enumerate(self.params()):
+                grad = param.grad
+                if grad is not None and not bool(torch.isfinite(grad).all()):
+                    raise ValueError(
+                        f"gradient of parameter {index} (shape {tuple(param.shape)}) is not "
+                        "finite; reject_nonfinite=True refuses the step (nothing was updated)"
+                    )
 
-    def _outer_update(self, target: dict[int, Tensor] | None) -> None:
-        """phi <- phi - outer_lr * (phi - target); theta <- phi (Alg. 1 lines 9-10).
+    def _outer_update(self, group: dict[str, Any], targets: list[Tensor] | None) -> None:
+        """phi <- phi - outer_lr * (phi - target); theta <- phi (Alg. 1 lines 9-10), one group.
 
-        ``target`` None means the fast weights themselves (SeqReptile).
+        ``targets`` None means the fast weights themselves (SeqReptile); otherwise one target
+        per tracked parameter of the group, in the group's order.
         """
-        indices, slow, fast = self._tracked()
-        if self.outer_momentum > 0.0:
-            for i in indices:
-                if i not in self.outer_buffers:
-                    self.outer_buffers[i] = torch.zeros_like(self.slow[i])
-        buffers = [self.outer_buffers[i] for i in indices] if self.outer_momentum > 0 else []
-        targets = fast if target is None else [target[i] for i in indices]
+        fast = [p for p in group["params"] if p in self.state]
+        slow = [self.state[p][SLOW_WEIGHT] for p in fast]
+        momentum = group["outer_momentum"]
+        buffers = []
+        if momentum > 0.0:
+            for p, s in zip(fast, slow):
+                buffers.append(self.state[p].setdefault(OUTER_BUFFER, torch.zeros_like(s)))
         # FSDP2 (DTensor) parameters: update the local shards, which share one sharding.
         outer_update_(
             [local_tensor(t) for t in slow],
-            [local_tensor(t) for t in targets],
+            [local_tensor(t) for t in (fast if targets is None else targets)],
             [local_tensor(t) for t in fast],
             [local_tensor(t) for t in buffers],
-            outer_lr=self.outer_lr,
-            momentum=self.outer_momentum,
-            nesterov=self.nesterov,
+            outer_lr=group["outer_lr"],
+            momentum=momentum,
+            nesterov=group["outer_nesterov"],
             impl=self.outer_impl,
         )
-        self.trajectory_step = 0
-        if self.reset_inner_state:
-            self.optimizer.state.clear()
+        self._end_trajectory(group)
 
-    @torch.no_grad()
-    def _restart_trajectory(self) -> None:
+    def _end_trajectory(self, group: dict[str, Any]) -> None:
+        group["trajectory_step"] = 0
+        if group["reset_inner_state"]:
+            # Keep what the inner optimizer declares part of its set-up (RecAdam's anchors).
+            keep = getattr(self.optimizer, "persistent_state_keys", ())
+            for param in group["params"]:
+                entry = self.optimizer.state.pop(param, None)
+                kept = {k: v for k, v in (entry or {}).items() if k in keep}
+                if kept:
+                    self.optimizer.state[param] = kept
+
+    def _restart_trajectory(self, groups: list[dict[str, Any]]) -> None:
         """theta <- phi without moving phi (start of another task's trajectory in Reptile)."""
-        _, slow, fast = self._tracked()
-        for f, s in zip(fast, slow):
-            f.copy_(s, non_blocking=True)
-        self.trajectory_step = 0
-        if self.reset_inner_state:
-            self.optimizer.state.clear()
+        fast = [p for p in self.params() if p in self.state]
+        copy_weights_(
+            [local_tensor(p) for p in fast],
+            [local_tensor(self.state[p][SLOW_WEIGHT]) for p in fast],
+        )
+        for group in groups:
+            self._end_trajectory(group)
 
     # ------------------------------------------------------------------ state
-    def _config(self) -> dict[str, Any]:
-        return {
-            "inner_steps": self.inner_steps,
-            "outer_lr": self.outer_lr,
-            "outer_momentum": self.outer_momentum,
-            "nesterov": self.nesterov,
-            "reset_inner_state": self.reset_inner_state,
-        }
+    @property
+    def trajectory_step(self) -> int:
+        """Inner steps since the last outer update (of the first param group)."""
+        return int(self.param_groups[0]["trajectory_step"])
 
-    def state_dict(self) -> dict[str, Any]:
-        """Inner state, phi and outer buffers keyed by parameter index, counters, config.
+    def _own_state_dict(self, packed: dict[str, Any]) -> None:
+        ids = [i for group in packed["param_groups"] for i in group["params"]]
+        id_of = {id(p): i for p, i in zip(self.params(), ids)}
+        for param, entry in self.state.items():
+            index = id_of[id(param)]
+            inner = packed["state"].get(index, {})
+            clash = set(inner) & set(entry)
+            if clash:
+                raise RuntimeError(
+                    f"the inner optimizer's state uses the key(s) {sorted(clash)}, which "
+                    f"{type(self).__name__} needs for its own state"
+                )
+            packed["state"][index] = {**inner, **entry}
 
-        Every value is a tensor, number, string, list or dict, so the result loads with
-        ``torch.load(path, weights_only=True)``.
-        """
-        state = self._base_state_dict()
-        state.update(
-            slow=dict(self.slow),
-            outer_buffers=dict(self.outer_buffers),
-            num_steps=self.num_steps,
-            trajectory_step=self.trajectory_step,
-            config=self._config(),
-        )
-        return state
+    def _check_saved_groups(self, saved_groups: list[dict[str, Any]]) -> None:
+        """Checks across the loaded groups (Reptile: they must agree)."""
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a ``state_dict``; raises ``ValueError`` and changes nothing on a mismatch."""
-        self._check_state_dict_kind(state_dict)
-        params = list(self.params())
-        for key in ("slow", "outer_buffers"):
-            for index, tensor in state_dict[key].items():
-                if not 0 <= int(index) < len(params) or tensor.shape != params[index].shape:
-                    raise ValueError(f"state_dict[{key!r}][{index}] does not match parameter")
-        self.optimizer.load_state_dict(state_dict["inner"])
-        self.slow = {
-            int(i): clone_to(t.to(params[int(i)].dtype), self.slow_device or params[int(i)].device)
-            for i, t in state_dict["slow"].items()
-        }
-        self.outer_buffers = {
-            int(i): clone_to(t.to(params[int(i)].dtype), self.slow[int(i)].device)
-            for i, t in state_dict["outer_buffers"].items()
-        }
-        self._untracked = [i for i in range(len(params)) if i not in self.slow]
-        self.num_steps = int(state_dict["num_steps"])
-        self.trajectory_step = int(state_dict["trajectory_step"])
-        for name, value in state_dict["config"].items():
-            setattr(self, name, value)
+    def _prepare_load(
+        self, state_dict: dict[str, Any]
+    ) -> tuple[dict[str, Any], Callable[[], None]]:
+        saved_groups = state_dict["param_groups"]
+        own_keys = {*self._own_defaults, *self._counters, *self._state_keys}
+        foreign = _keys_of_all_wrappers() - own_keys
+        entries = [e for e in state_dict["state"].values() if isinstance(e, dict)]
+        for index, saved in enumerate(saved_groups):
+            where = f"state_dict['param_groups'][{index}]"
+            missing = sorted(k for k in own_keys - set(self._state_keys) if k not in saved)
+            if missing:
+                raise ValueError(
+                    f"{where} lacks {missing}: not a state_dict of {type(self).__name__}"
+                )
+        alien = sorted(foreign & {k for d in [*saved_groups, *entries] for k in d})
+        if alien:
+            raise ValueError(
+                f"state_dict has {alien}, which {type(self).__name__} does not use: it was "
+                "saved by another meta-optimizer"
+            )
+        for index, saved in enumerate(saved_groups):
+            where = f"state_dict['param_groups'][{index}]"
+            self._check_group(saved, where)
+            self._check_counters(saved, where)
+        self._check_saved_groups(saved_groups)
+        id_map = saved_id_map(state_dict, self.param_groups)
+        group_of = {i: g for g in saved_groups for i in g["params"]}
+        own_state: dict[Tensor, dict[str, Tensor]] = {}
+        inner_state: dict[Any, Any] = {}
+        for pid, entry in state_dict["state"].items():
+            where = f"state_dict['state'][{pid!r}]"
+            if pid not in id_map:
+                raise ValueError(f"{where} is for a parameter id that no param group lists")
+            if not isinstance(entry, dict):
+                raise ValueError(f"{where} must be a dict, got {type(entry).__name__}")
+            rest = {k: v for k, v in entry.items() if k not in self._state_keys}
+            if rest:
+                inner_state[pid] = rest
+            ours = {k: entry[k] for k in self._state_keys if k in entry}
+            if ours:
+                own_state[id_map[pid]] = self._load_param_state(
+                    ours, id_map[pid], group_of[pid], where
+                )
+
+        def commit() -> None:
+            self.state = defaultdict(dict, own_state)
+            self._untracked = None
+
+        return {**state_dict, "state": inner_state}, commit
+
+    def _required_state_keys(self, group: dict[str, Any]) -> set[str]:
+        return {SLOW_WEIGHT}
+
+    def _load_param_state(
+        self, entry: dict[str, Any], param: Tensor, group: dict[str, Any], where: str
+    ) -> dict[str, Tensor]:
+        """Validated copies of one parameter's saved state, on its device and dtype."""
+        missing = self._required_state_keys(group) - set(entry)
+        if missing:
+            raise ValueError(f"{where} has {sorted(entry)} but lacks {sorted(missing)}")
+        loaded = {}
+        for key, value in entry.items():
+            if not isinstance(value, Tensor) or not value.is_floating_point():
+                raise ValueError(f"{where}[{key!r}] must be a floating-point tensor")
+            if value.shape != param.shape:
+                raise ValueError(
+                    f"{where}[{key!r}] has shape {tuple(value.shape)}, its parameter "
+                    f"{tuple(param.shape)}"
+                )
+            device = self.slow_device or param.device
+            loaded[key] = clone_to(value, device, self._slow_dtype(param))
+        return loaded

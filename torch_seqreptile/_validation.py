@@ -22,3 +22,9 @@ def check_float(name: str, value: object, low: float, high: float, *, open_high:
     if not inside or math.isnan(value):
         raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {value}")
     return value
+
+
+def check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value

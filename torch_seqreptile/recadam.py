@@ -63,6 +63,10 @@ class RecAdam(Optimizer):
         correct_bias: Adam bias correction (default True).
     """
 
+    #: state that is part of the set-up, not of the optimisation: ``SeqReptile(...,
+    #: reset_inner_state=True)`` keeps it when it resets the inner state
+    persistent_state_keys = ("pretrained",)
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],

@@ -8,10 +8,13 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from torch_seqreptile._meta import SlowWeightsOptimizer
-from torch_seqreptile._validation import check_int
+from torch_seqreptile._meta import SLOW_WEIGHT, SlowWeightsOptimizer
+from torch_seqreptile._validation import check_bool, check_int
 from torch_seqreptile._wrapper import clone_to
 from torch_seqreptile.distributed import all_reduce_sum_, group_rank_and_size, local_tensor
+
+#: key of a parameter's sum of trajectory end points in ``state[p]``
+ENDPOINT_SUM = "endpoint_sum"
 
 
 class Reptile(SlowWeightsOptimizer):
@@ -51,10 +54,20 @@ class Reptile(SlowWeightsOptimizer):
     Args are those of :class:`~torch_seqreptile.SeqReptile`, plus ``num_tasks`` (T),
     ``parallel`` and ``process_group`` (the group that averages end points; ``None``:
     the default group; only with ``parallel=True``).
+
+    State: as :class:`~torch_seqreptile.SeqReptile`, plus ``state[p]["endpoint_sum"]`` (the
+    sum of the finished trajectories' end points of this round) and, in every param group,
+    ``num_tasks``, ``trajectory_index`` (trajectories finished this round) and
+    ``process_group_size``. All groups share one schedule: their ``inner_steps`` and
+    ``num_tasks`` must be equal.
     Memory: two copies of the trainable parameters (phi and the sum of trajectory ends);
     in parallel mode the all-reduce adds one transient 64 MiB bucket
     (:data:`torch_seqreptile.distributed.BUCKET_BYTES`).
     """
+
+    _state_keys = (*SlowWeightsOptimizer._state_keys, ENDPOINT_SUM)
+    _counters = (*SlowWeightsOptimizer._counters, "trajectory_index", "process_group_size")
+    _hyperparameters = (*SlowWeightsOptimizer._hyperparameters, "num_tasks")
 
     def __init__(
         self,
@@ -67,11 +80,17 @@ class Reptile(SlowWeightsOptimizer):
         nesterov: bool = False,
         reset_inner_state: bool = False,
         slow_device: torch.device | str | None = None,
+        slow_dtype: torch.dtype | None = None,
         outer_impl: str = "foreach",
         reject_nonfinite: bool = False,
         parallel: bool = False,
         process_group: Any = None,
     ) -> None:
+        if process_group is not None and not parallel:
+            raise ValueError("process_group is only used with parallel=True")
+        self.parallel = check_bool("parallel", parallel)
+        self.process_group = process_group
+        self.rank, self.group_size = group_rank_and_size(process_group) if parallel else (0, 1)
         super().__init__(
             optimizer,
             inner_steps,
@@ -80,51 +99,119 @@ class Reptile(SlowWeightsOptimizer):
             nesterov=nesterov,
             reset_inner_state=reset_inner_state,
             slow_device=slow_device,
+            slow_dtype=slow_dtype,
             outer_impl=outer_impl,
             reject_nonfinite=reject_nonfinite,
+            extra_defaults={"num_tasks": num_tasks},
         )
-        self.num_tasks = check_int("num_tasks", num_tasks, 1)
-        if process_group is not None and not parallel:
-            raise ValueError("process_group is only used with parallel=True")
-        self.parallel = bool(parallel)
-        self.process_group = process_group
-        self.rank, self.group_size = group_rank_and_size(process_group) if parallel else (0, 1)
-        if self.num_tasks % self.group_size and self.group_size % self.num_tasks:
+
+    # ------------------------------------------------------------------ groups
+    def _check_group(self, group: dict[str, Any], where: str) -> None:
+        super()._check_group(group, where)
+        name = f"{where}['num_tasks']" if where else "num_tasks"
+        num_tasks = check_int(name, group["num_tasks"], 1)
+        if num_tasks % self.group_size and self.group_size % num_tasks:
             raise ValueError(
-                f"num_tasks must be a multiple or a divisor of the process group size "
+                f"{name} must be a multiple or a divisor of the process group size "
                 f"{self.group_size} with parallel=True, got {num_tasks}"
             )
-        # Trajectories each rank runs per round, and how many it finished in this round.
-        self.trajectories_per_round = max(1, self.num_tasks // self.group_size)
-        self.trajectory_index = 0
-        self.endpoint_sums: dict[int, Tensor] = {}
+
+    def _check_counters(self, group: dict[str, Any], where: str) -> None:
+        super()._check_counters(group, where)
+        if group["process_group_size"] != self.group_size:
+            raise ValueError(
+                f"{where}['process_group_size']: saved by Reptile over "
+                f"{group['process_group_size']} parallel rank(s), this one runs over "
+                f"{self.group_size}"
+            )
+        per_round = self._per_round(group["num_tasks"])
+        if group["trajectory_index"] >= per_round:
+            raise ValueError(
+                f"{where}['trajectory_index'] must be below the {per_round} trajectories per "
+                f"round, got {group['trajectory_index']}"
+            )
+
+    def _init_group(self, group: dict[str, Any]) -> None:
+        # Counters are one schedule for all groups: a later group joins the current round.
+        first = self.param_groups[0]
+        for key in self._counters:
+            group[key] = 0 if first is group else first[key]
+        group["process_group_size"] = self.group_size
+
+    def _checked_groups(self) -> list[dict[str, Any]]:
+        groups = super()._checked_groups()
+        self._check_saved_groups(groups, "param_groups")
+        return groups
+
+    def _check_saved_groups(
+        self, groups: list[dict[str, Any]], where: str = "state_dict['param_groups']"
+    ) -> None:
+        for key in ("inner_steps", "num_tasks", *self._counters):
+            values = {group[key] for group in groups}
+            if len(values) > 1:
+                raise ValueError(
+                    f"Reptile runs one schedule for all param groups: every {where}[i]"
+                    f"[{key!r}] must be equal, got {sorted(values)}"
+                )
+
+    # ------------------------------------------------------------------ schedule
+    def _per_round(self, num_tasks: int) -> int:
+        """Trajectories each rank runs per round."""
+        return max(1, num_tasks // self.group_size)
+
+    @property
+    def num_tasks(self) -> int:
+        """T, the number of tasks (of the first param group; all groups agree)."""
+        return int(self.param_groups[0]["num_tasks"])
+
+    @property
+    def trajectory_index(self) -> int:
+        """Trajectories this rank finished in the current round."""
+        return int(self.param_groups[0]["trajectory_index"])
+
+    @property
+    def trajectories_per_round(self) -> int:
+        return self._per_round(self.num_tasks)
 
     @property
     def current_task(self) -> int:
         """The task whose batches the next :meth:`step` must see (this rank's, if parallel)."""
         return (self.rank + self.group_size * self.trajectory_index) % self.num_tasks
 
-    @torch.no_grad()
-    def _on_track(self, index: int, param: Tensor) -> None:
+    # ------------------------------------------------------------------ trajectories
+    def _new_state(self, param: Tensor, slow: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+        entry = super()._new_state(param, slow, group)
         # Trajectories already finished this round left this parameter at phi.
-        self.endpoint_sums[index] = self.slow[index] * self.trajectory_index
+        entry[ENDPOINT_SUM] = slow * group["trajectory_index"]
+        return entry
+
+    def _required_state_keys(self, group: dict[str, Any]) -> set[str]:
+        return {SLOW_WEIGHT, ENDPOINT_SUM}
+
+    def _tracked(self) -> list[Tensor]:
+        return [p for p in self.params() if p in self.state]
 
     @torch.no_grad()
-    def _add_endpoint(self) -> None:
-        indices, _, fast = self._tracked()
-        for i, f in zip(indices, fast):
-            total = self.endpoint_sums[i]
-            total.add_(f.to(total.device, non_blocking=True))
-        self.trajectory_index += 1
+    def _add_endpoint(self, groups: list[dict[str, Any]]) -> None:
+        for param in self._tracked():
+            total = self.state[param][ENDPOINT_SUM]
+            # blocking copy: a device-to-host copy is complete before it is read
+            local_tensor(total).add_(local_tensor(param).to(local_tensor(total).device))
+        for group in groups:
+            group["trajectory_index"] += 1
 
     @torch.no_grad()
-    def _finish_round(self) -> None:
+    def _finish_round(self, groups: list[dict[str, Any]]) -> None:
         count = self._all_reduce_endpoints() if self.parallel else self.trajectory_index
-        sums = [local_tensor(self.endpoint_sums[i]) for i in sorted(self.endpoint_sums)]
-        torch._foreach_div_(sums, float(count))
-        self._outer_update(target=self.endpoint_sums)
-        torch._foreach_zero_(sums)
-        self.trajectory_index = 0
+        for group in groups:
+            tracked = [p for p in group["params"] if p in self.state]
+            sums = [self.state[p][ENDPOINT_SUM] for p in tracked]
+            if sums:
+                torch._foreach_div_([local_tensor(t) for t in sums], float(count))
+            self._outer_update(group, targets=sums)
+            if sums:
+                torch._foreach_zero_([local_tensor(t) for t in sums])
+            group["trajectory_index"] = 0
 
     @torch.no_grad()
     def _all_reduce_endpoints(self) -> int:
@@ -134,31 +221,34 @@ class Reptile(SlowWeightsOptimizer):
         of another rank's task) gets its slow copy now: every trajectory of this rank ended
         at phi for it. Two collectives: one small (flags and counts), one of the end points.
         """
+        groups = self.param_groups
         params = list(self.params())
         flags = torch.zeros(len(params) + 1, dtype=torch.int64)
-        flags[sorted(self.slow)] = 1
+        flags[[i for i, p in enumerate(params) if p in self.state]] = 1
         flags[-1] = self.trajectory_index
         device = local_tensor(params[0]).device if params else flags.device
         flags = flags.to(device)
         torch.distributed.all_reduce(flags, group=self.process_group)
+        group_of = [g for g in groups for _ in g["params"]]
         for index in flags[:-1].nonzero().flatten().tolist():
-            if index not in self.slow:
-                self.slow[index] = clone_to(params[index], self.slow_device)
-                self._on_track(index, params[index])
-        self._untracked = [i for i in self._untracked if i not in self.slow]
+            param = params[index]
+            if param not in self.state:
+                slow = clone_to(param, self.slow_device, self._slow_dtype(param))
+                self.state[param] = self._new_state(param, slow, group_of[index])
+        self._untracked = None
         all_reduce_sum_(
-            [self.endpoint_sums[i] for i in sorted(self.endpoint_sums)], self.process_group
+            [self.state[p][ENDPOINT_SUM] for p in params if p in self.state], self.process_group
         )
         return int(flags[-1])
 
-    def _after_inner_step(self) -> None:
-        if self.trajectory_step < self.inner_steps:
+    def _after_inner_step(self, groups: list[dict[str, Any]]) -> None:
+        if groups[0]["trajectory_step"] < groups[0]["inner_steps"]:
             return
-        self._add_endpoint()
-        if self.trajectory_index == self.trajectories_per_round:
-            self._finish_round()
+        self._add_endpoint(groups)
+        if self.trajectory_index >= self.trajectories_per_round:
+            self._finish_round(groups)
         else:
-            self._restart_trajectory()
+            self._restart_trajectory(groups)
 
     def outer_step(self) -> None:
         """End the round now: phi moves toward the mean end point of the trajectories so far.
@@ -167,36 +257,8 @@ class Reptile(SlowWeightsOptimizer):
         taken since the last outer update. With ``parallel=True`` it is a collective: every
         rank of the group must call it.
         """
-        if self.trajectory_step > 0:
-            self._add_endpoint()
+        groups = self._checked_groups()
+        if groups[0]["trajectory_step"] > 0:
+            self._add_endpoint(groups)
         if self.trajectory_index > 0:
-            self._finish_round()
-
-    def _config(self) -> dict[str, Any]:
-        return {**super()._config(), "num_tasks": self.num_tasks}
-
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state.update(
-            current_task=self.current_task,
-            trajectory_index=self.trajectory_index,
-            group_size=self.group_size,
-            endpoint_sums=dict(self.endpoint_sums),
-        )
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._check_state_dict_kind(state_dict)
-        if set(state_dict.get("endpoint_sums", {})) != set(state_dict.get("slow", {})):
-            raise ValueError("state_dict['endpoint_sums'] must have the keys of state_dict['slow']")
-        if int(state_dict.get("group_size", 1)) != self.group_size:
-            raise ValueError(
-                f"state_dict was saved by Reptile over {state_dict.get('group_size', 1)} "
-                f"parallel rank(s), this one runs over {self.group_size}"
-            )
-        super().load_state_dict(state_dict)
-        self.trajectory_index = int(state_dict.get("trajectory_index", state_dict["current_task"]))
-        self.endpoint_sums = {
-            int(i): t.to(self.slow[int(i)], copy=True)
-            for i, t in state_dict["endpoint_sums"].items()
-        }
+            self._finish_round(groups)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch.optim import Optimizer
 
@@ -35,15 +37,29 @@ class SeqReptile(SlowWeightsOptimizer):
         nesterov: Nesterov form of the outer momentum. Beyond the paper.
         reset_inner_state: clear the inner optimizer's state (e.g. Adam moments and step
             counts) at every outer update. Default ``False`` keeps it across trajectories.
+            Keys the inner optimizer lists in ``persistent_state_keys`` (RecAdam's
+            ``pretrained``) are kept.
         slow_device: where phi lives (e.g. ``"cpu"`` for a GPU model); default: with
             each parameter.
+        slow_dtype: dtype of phi and the outer buffers; default float32 for float16 and
+            bfloat16 parameters (so that an outer step below half a bf16 ulp is not lost),
+            the parameter's dtype otherwise. theta is rounded from phi after every outer
+            update.
         outer_impl: kernel of the outer update: ``"foreach"`` (default),
             ``"compiled"`` (``torch.compile``, one pass over memory; compiles on first
             use), or ``"per_tensor"``. All agree to rounding.
         reject_nonfinite: raise ``ValueError`` before an inner step whose gradients contain
-            inf or NaN, leaving everything unchanged (costs one host-device sync per step).
+            inf or NaN, leaving everything unchanged (one host-device sync per step and
+            device).
 
-    Memory: one copy of the trainable parameters (phi), plus one more with momentum.
+    The outer hyperparameters are keys of every param group (``inner_steps``, ``outer_lr``,
+    ``outer_momentum``, ``outer_nesterov``, ``reset_inner_state``), so they can differ between
+    groups and change during training as ``lr`` does; each group counts its own
+    ``trajectory_step`` and does its outer update when that reaches its ``inner_steps``.
+    ``state[p]["slow_weight"]`` is phi (``state[p]["outer_momentum_buffer"]`` the momentum).
+
+    Memory: one copy of the trainable parameters (phi; float32 for low-precision ones), plus
+    one more with momentum.
     """
 
     def __init__(
@@ -56,6 +72,7 @@ class SeqReptile(SlowWeightsOptimizer):
         nesterov: bool = False,
         reset_inner_state: bool = False,
         slow_device: torch.device | str | None = None,
+        slow_dtype: torch.dtype | None = None,
         outer_impl: str = "foreach",
         reject_nonfinite: bool = False,
     ) -> None:
@@ -67,19 +84,22 @@ class SeqReptile(SlowWeightsOptimizer):
             nesterov=nesterov,
             reset_inner_state=reset_inner_state,
             slow_device=slow_device,
+            slow_dtype=slow_dtype,
             outer_impl=outer_impl,
             reject_nonfinite=reject_nonfinite,
         )
 
-    def _after_inner_step(self) -> None:
-        if self.trajectory_step == self.inner_steps:
-            self._outer_update(target=None)
+    def _after_inner_step(self, groups: list[dict[str, Any]]) -> None:
+        for group in groups:
+            if group["trajectory_step"] >= group["inner_steps"]:
+                self._outer_update(group, targets=None)
 
     def outer_step(self) -> None:
         """End the current trajectory now: phi moves toward theta, theta <- phi.
 
         Call it after the last training batch so that the model holds the slow weights.
-        Does nothing if no inner step was taken since the last outer update.
+        Does nothing for a group that took no inner step since its last outer update.
         """
-        if self.trajectory_step > 0:
-            self._outer_update(target=None)
+        for group in self._checked_groups():
+            if group["trajectory_step"] > 0:
+                self._outer_update(group, targets=None)

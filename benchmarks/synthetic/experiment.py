@@ -152,7 +152,7 @@ def run_reptile(sequential: bool, s: Settings) -> Trajectory:
         task_losses(phi)[opt.current_task if task is None else task].backward()  # type: ignore[union-attr]
         opt.step()
         if opt.trajectory_step == 0:
-            path.append(opt.slow[0].tolist())
+            path.append(opt.state[phi]["slow_weight"].tolist())
     opt.outer_step()
     path.append(phi.tolist())
     return path

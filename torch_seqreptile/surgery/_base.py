@@ -160,9 +160,9 @@ class GradientCombiner(OptimizerWrapper):
         self.last_weights = torch.from_numpy(np.array(weights, dtype=np.float64))
         self._write(params, grads, reach, block_of, weights)
 
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """The wrapped optimizer's step (then the method's own update, e.g. GradNorm's)."""
-        loss = self.optimizer.step(closure)
+        loss = self._inner_step(closure)
         self._after_step()
         return loss
 
@@ -282,31 +282,54 @@ class GradientCombiner(OptimizerWrapper):
                 param.grad.add_(out)
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, Any]:
-        """Inner optimizer state, ``num_tasks``, the RNG state and the method's own state.
+    def _own_state_dict(self, packed: dict[str, Any]) -> None:
+        """``packed["surgery"]``: ``num_tasks``, the RNG state and the method's own state."""
+        packed["surgery"] = {
+            "method": self._method_name(),
+            "num_tasks": self.num_tasks,
+            "rng_state": None if self.generator is None else self.generator.get_state(),
+            "method_state": self._extra_state(),
+        }
 
-        Tensors, numbers, strings, lists and dicts only: loads with
-        ``torch.load(path, weights_only=True)``.
-        """
-        state = self._base_state_dict()
-        state.update(
-            num_tasks=self.num_tasks,
-            rng_state=None if self.generator is None else self.generator.get_state(),
-            method=self._extra_state(),
-        )
-        return state
+    def _method_name(self) -> str:
+        """The library's class this optimizer is (or derives from): what its state means."""
+        ours = [c for c in type(self).__mro__ if c.__module__.startswith(__package__ or "")]
+        return ours[0].__name__
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a ``state_dict``; raises ``ValueError`` and changes nothing on a mismatch."""
-        self._check_state_dict_kind(state_dict)
-        num_tasks = state_dict.get("num_tasks")
+    def _prepare_load(
+        self, state_dict: dict[str, Any]
+    ) -> tuple[dict[str, Any], Callable[[], None]]:
+        own = state_dict.get("surgery")
+        keys = {"method", "num_tasks", "rng_state", "method_state"}
+        if not isinstance(own, dict) or not keys <= set(own):
+            raise ValueError(
+                f"state_dict['surgery'] must hold {sorted(keys)}: not a state_dict of "
+                f"{type(self).__name__}"
+            )
+        if own["method"] != self._method_name():
+            raise ValueError(
+                f"state_dict was saved by {own['method']!r}, expected a state_dict of "
+                f"{self._method_name()!r}"
+            )
+        num_tasks = own["num_tasks"]
+        if num_tasks is not None:
+            check_int("state_dict['surgery']['num_tasks']", num_tasks, 1)
         if self.num_tasks is not None and num_tasks is not None and num_tasks != self.num_tasks:
             raise ValueError(
                 f"state_dict is for num_tasks={num_tasks}, this optimizer has {self.num_tasks}"
             )
-        restore = self._load_extra_state(state_dict["method"])
-        self.optimizer.load_state_dict(state_dict["inner"])
-        restore()
-        if self.generator is not None and state_dict.get("rng_state") is not None:
-            self.generator.set_state(state_dict["rng_state"])
-        self.num_tasks = num_tasks if num_tasks is not None else self.num_tasks
+        rng_state = own["rng_state"]
+        if self.generator is not None and rng_state is not None:
+            if not isinstance(rng_state, Tensor) or rng_state.dtype != torch.uint8:
+                raise ValueError("state_dict['surgery']['rng_state'] must be a uint8 tensor")
+        restore = self._load_extra_state(own["method_state"])
+
+        def commit() -> None:
+            restore()
+            if self.generator is not None and rng_state is not None:
+                self.generator.set_state(rng_state)
+            if num_tasks is not None:
+                self.num_tasks = num_tasks
+
+        inner = {k: v for k, v in state_dict.items() if k != "surgery"}
+        return inner, commit
