@@ -1,10 +1,15 @@
 """SeqReptileTrainer end to end with a tiny local BERT: single-task batches, slow-weight
-checkpoints, exact resume from inside a trajectory, and probe logging."""
+checkpoints (loadable into a plain SeqReptile), exact resume from inside a trajectory, and
+probe logging; SurgeryTrainer against a hand-written loop."""
 
 from __future__ import annotations
 
+import copy
+import importlib
 import json
 import os
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +22,8 @@ pytest.importorskip("accelerate")
 from safetensors.torch import load_file  # noqa: E402
 from torch.utils.data import ConcatDataset, Dataset  # noqa: E402
 
+import torch_seqreptile.integrations as integrations  # noqa: E402
+from torch_seqreptile import SeqReptile  # noqa: E402
 from torch_seqreptile.integrations.transformers import (  # noqa: E402
     ProbeCallback,
     SeqReptileTrainer,
@@ -26,6 +33,7 @@ from torch_seqreptile.probes import l2_distance  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TASK_SIZES = [20, 12, 8]
+FAST_WEIGHTS = "seqreptile_fast_weights.safetensors"  # theta, in every checkpoint folder
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -107,7 +115,7 @@ def make_trainer(
         dataloader_num_workers=0,
     )
     return SeqReptileTrainer(
-        model=tiny_bert(),
+        model=kwargs.pop("model", None) or tiny_bert(),
         args=args,
         train_dataset=train_dataset(),
         eval_dataset=TaskData(0, 8),
@@ -124,20 +132,54 @@ def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
+def slow_weights(opt: Any, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """phi of every parameter the SeqReptile tracks, by parameter name."""
+    return {
+        name: opt.state[p]["slow_weight"].clone()
+        for name, p in model.named_parameters()
+        if p in opt.state
+    }
+
+
+def inner_steps_taken(opt: Any) -> set[int]:
+    """The inner AdamW's step count of every tracked parameter: one per inner step."""
+    assert len(opt.state) > 0
+    return {int(opt.optimizer.state[p]["step"]) for p in opt.state}
+
+
+def assert_same(a: Any, b: Any, where: str = "") -> None:
+    """Equal nested dicts/lists of tensors and plain values (tensors bit for bit)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype, where
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
 class Snapshot(transformers.TrainerCallback):  # type: ignore[misc]
-    """Records phi and theta after a given step."""
+    """Records phi, theta and the SeqReptile's state_dict after a given step."""
 
     def __init__(self, step: int) -> None:
         self.step = step
-        self.phi: dict[int, torch.Tensor] = {}
+        self.phi: dict[str, torch.Tensor] = {}
         self.theta: dict[str, torch.Tensor] = {}
+        self.state_dict: dict[str, Any] = {}
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.global_step == self.step:
             opt = find_slow_optimizer(kwargs["optimizer"])
-            assert opt is not None
-            self.phi = {i: t.clone() for i, t in opt.slow.items()}
+            assert isinstance(opt, SeqReptile)
+            self.phi = slow_weights(opt, kwargs["model"])
             self.theta = weights(kwargs["model"])
+            self.state_dict = copy.deepcopy(opt.state_dict())
 
 
 @pytest.fixture(scope="module")
@@ -156,32 +198,39 @@ def test_single_task_batches_and_outer_updates(uninterrupted: dict[str, Any]) ->
     assert len(batches) in (10, 11)
     assert all(len(set(b)) == 1 and len(b) == 4 for b in batches)
     assert len({b[0] for b in batches}) > 1  # several tasks were drawn
-    opt = uninterrupted["trainer"].seqreptile
-    assert opt.num_steps == 10
+    trainer = uninterrupted["trainer"]
+    opt = trainer.seqreptile
+    assert type(opt) is SeqReptile  # a plain SeqReptile, no subclass
+    assert trainer.state.global_step == 10 and inner_steps_taken(opt) == {10}
     assert opt.trajectory_step == 0  # finalize=True ended the last (partial) trajectory
-    params = list(opt.params())
-    for i, slow in opt.slow.items():  # the model holds phi at the end
-        assert torch.equal(params[i].detach(), slow)
+    assert len(opt.state) > 0
+    for p in opt.params():  # the model holds phi at the end
+        if p in opt.state:
+            assert torch.equal(p.detach(), opt.state[p]["slow_weight"])
 
 
 def test_checkpoint_inside_trajectory_holds_phi_and_theta(uninterrupted: dict[str, Any]) -> None:
     ckpt = uninterrupted["out"] / "checkpoint-6"
     snap = uninterrupted["snap"]
-    trainer = uninterrupted["trainer"]
     saved = load_file(str(ckpt / "model.safetensors"))
-    # SeqReptile indexes parameters in the optimizer's order (the Trainer's decay groups)
-    by_id = {id(p): n for n, p in trainer.model.named_parameters()}
-    names = [by_id[id(p)] for p in trainer.seqreptile.params()]
     # the model file holds phi (6 % 4 = 2: inside the second trajectory, phi != theta)
+    assert len(snap.phi) > 0
     moved = 0
-    for i, phi in snap.phi.items():
-        assert torch.equal(saved[names[i]], phi)
-        moved += int(not torch.equal(phi, snap.theta[names[i]]))
+    for name, phi in snap.phi.items():
+        assert torch.equal(saved[name], phi)
+        moved += int(not torch.equal(phi, snap.theta[name]))
     assert moved > 0
+    # optimizer.pt is exactly SeqReptile.state_dict() at step 6, in torch's layout
     state = torch.load(ckpt / "optimizer.pt", weights_only=True)
-    assert state["trajectory_step"] == 2 and state["num_steps"] == 6
-    for i, theta in state["fast"].items():
-        assert torch.equal(theta, snap.theta[names[i]])
+    assert state.keys() == {"state", "param_groups"}
+    assert_same(state, snap.state_dict)
+    assert {group["trajectory_step"] for group in state["param_groups"]} == {2}
+    assert {int(entry["step"]) for entry in state["state"].values()} == {6}  # 6 inner steps
+    # theta of the running trajectory, for exactly the parameters with slow weights
+    fast = load_file(str(ckpt / FAST_WEIGHTS))
+    assert fast.keys() == snap.phi.keys()
+    for name, theta in fast.items():
+        assert torch.equal(theta, snap.theta[name])
 
 
 def test_resume_equals_uninterrupted_run(uninterrupted: dict[str, Any], tmp_path: Path) -> None:
@@ -196,9 +245,77 @@ def test_resume_equals_uninterrupted_run(uninterrupted: dict[str, Any], tmp_path
     # the resumed run saw exactly the batches the uninterrupted one saw after step 6
     assert collator.batches == uninterrupted["collator"].batches[6:]
     a, b = uninterrupted["trainer"].seqreptile, trainer.seqreptile
-    assert a.num_steps == b.num_steps == 10
-    for i in a.slow:
-        assert torch.equal(a.slow[i], b.slow[i])
+    assert uninterrupted["trainer"].state.global_step == trainer.state.global_step == 10
+    assert inner_steps_taken(a) == inner_steps_taken(b) == {10}
+    pa, pb = list(a.params()), list(b.params())
+    assert [p in a.state for p in pa] == [p in b.state for p in pb]
+    for p, q in zip(pa, pb):
+        if p in a.state:
+            assert torch.equal(a.state[p]["slow_weight"], b.state[q]["slow_weight"])
+    assert_same(a.state_dict(), b.state_dict())
+
+
+def test_checkpoint_optimizer_loads_into_plain_seqreptile(tmp_path: Path) -> None:
+    model = tiny_bert()
+    snap = Snapshot(3)
+    trainer = make_trainer(
+        tmp_path,
+        5,
+        save_steps=3,
+        callbacks=[snap],
+        model=model,
+        optimizers=(torch.optim.AdamW(model.parameters(), lr=5e-3), None),
+    )
+    trainer.train()
+    ckpt = tmp_path / "checkpoint-3"
+    files = {"model.safetensors", "optimizer.pt", "scheduler.pt", FAST_WEIGHTS}
+    assert files <= {p.name for p in ckpt.iterdir()}
+    # a plain SeqReptile around the same inner optimizer, outside any Trainer
+    fresh = tiny_bert()
+    plain = SeqReptile(torch.optim.AdamW(fresh.parameters(), lr=5e-3), inner_steps=4, outer_lr=0.5)
+    plain.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    assert plain.trajectory_step == 3
+    phi = slow_weights(plain, fresh)
+    assert phi.keys() == snap.phi.keys() and len(phi) > 0
+    for name in phi:  # the slow weights are the Trainer's at step 3
+        assert torch.equal(phi[name], snap.phi[name]), name
+    assert_same(plain.state_dict(), snap.state_dict)  # inner state and groups too
+    # the model file (phi) and the fast-weights file (theta) complete the picture
+    fresh.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+    for name, p in fresh.named_parameters():
+        assert torch.equal(p, snap.phi.get(name, snap.theta[name])), name
+    fresh.load_state_dict(load_file(str(ckpt / FAST_WEIGHTS)), strict=False)
+    assert any(not torch.equal(snap.phi[n], snap.theta[n]) for n in snap.phi)
+    for name, p in fresh.named_parameters():
+        assert torch.equal(p, snap.theta[name]), name
+    # hyperparameter-search checkpoints carry theta too
+    trainer._tune_save_checkpoint(str(tmp_path / "tune"))
+    tune = tmp_path / "tune" / "checkpoint-5"
+    assert (tune / "optimizer.pt").is_file()
+    assert load_file(str(tune / FAST_WEIGHTS)).keys() == phi.keys()
+
+
+def test_resume_needs_the_fast_weights_inside_a_trajectory(
+    uninterrupted: dict[str, Any], tmp_path: Path
+) -> None:
+    ckpt = tmp_path / "checkpoint-6"
+    shutil.copytree(uninterrupted["out"] / "checkpoint-6", ckpt)
+    (ckpt / FAST_WEIGHTS).unlink()
+    trainer = make_trainer(tmp_path / "out", 10)
+    with pytest.raises(FileNotFoundError, match=FAST_WEIGHTS):
+        trainer.train(resume_from_checkpoint=str(ckpt))
+
+
+def test_import_without_transformers_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in [m for m in sys.modules if m.startswith("torch_seqreptile.integrations.")]:
+        monkeypatch.setattr(integrations, name.rsplit(".", 1)[1], sys.modules[name])
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(ImportError, match=r'pip install "torch-seqreptile\[hf\]"') as error:
+        importlib.import_module("torch_seqreptile.integrations.transformers")
+    assert isinstance(error.value.__cause__, ImportError)
 
 
 def test_evaluate_and_save_use_slow_weights(tmp_path: Path) -> None:
@@ -231,7 +348,7 @@ def test_gradient_accumulation_keeps_one_task_per_step(tmp_path: Path) -> None:
     assert len(batches) == 8
     for k in range(0, 8, 2):  # the two micro-batches of each optimizer step share a task
         assert len(set(batches[k] + batches[k + 1])) == 1
-    assert trainer.seqreptile.num_steps == 4
+    assert trainer.state.global_step == 4 and inner_steps_taken(trainer.seqreptile) == {4}
 
 
 def test_probe_callback_logs_and_does_not_disturb(
@@ -455,7 +572,9 @@ def test_surgery_trainer_resume_equals_uninterrupted(method: Any, tmp_path: Path
     full.train()
     ckpt = tmp_path / "full" / "checkpoint-5"
     state = torch.load(ckpt / "optimizer.pt", weights_only=True)
-    assert state["num_tasks"] == 2 and (state["rng_state"] is not None) == method.uses_rng
+    assert state.keys() == {"state", "param_groups", "surgery"}
+    surgery = state["surgery"]
+    assert surgery["num_tasks"] == 2 and (surgery["rng_state"] is not None) == method.uses_rng
     collator = RecordingCollator()
     resumed = make_surgery_trainer(tmp_path / "resumed", method, 7, collator)
     resumed.train(resume_from_checkpoint=str(ckpt))
@@ -468,7 +587,7 @@ def test_surgery_trainer_resume_equals_uninterrupted(method: Any, tmp_path: Path
         assert torch.equal(a.generator.get_state(), b.generator.get_state())
     for p, q in zip(a.params(), b.params()):
         for key in ("exp_avg", "exp_avg_sq"):
-            assert torch.equal(a.state[p][key], b.state[q][key])
+            assert torch.equal(a.optimizer.state[p][key], b.optimizer.state[q][key])
 
 
 def test_surgery_trainer_every_method_and_callable(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from typing import cast
 
 import torch
 from torch import Tensor
+from torch.optim import Optimizer
 
 OUTER_IMPLS: tuple[str, ...] = ("foreach", "compiled", "per_tensor")
 
@@ -41,20 +42,32 @@ def _update_foreach(
     target: list[Tensor],
     fast: list[Tensor],
     buffers: list[Tensor],
-    outer_lr: float,
-    momentum: float,
+    outer_lr: float | Tensor,
+    momentum: float | Tensor,
     nesterov: bool,
 ) -> None:
-    if momentum == 0.0:
-        torch._foreach_lerp_(slow, target, outer_lr)
+    if not buffers:  # momentum == 0
+        torch._foreach_lerp_(slow, target, outer_lr)  # type: ignore[arg-type]  # 0-d weight
     else:
         meta_grad = torch._foreach_sub(slow, target)
         torch._foreach_mul_(buffers, momentum)
         torch._foreach_add_(buffers, meta_grad)
         if nesterov:
-            torch._foreach_add_(meta_grad, buffers, alpha=momentum)
-        torch._foreach_add_(slow, meta_grad if nesterov else buffers, alpha=-outer_lr)
+            _add_scaled_(meta_grad, buffers, momentum)
+        _add_scaled_(slow, meta_grad if nesterov else buffers, -outer_lr)
     torch._foreach_copy_(fast, slow)
+
+
+def _add_scaled_(
+    tensors: list[Tensor] | tuple[Tensor, ...],
+    other: list[Tensor] | tuple[Tensor, ...],
+    scale: float | Tensor,
+) -> None:
+    """``tensors += scale * other``; a 0-d tensor ``scale`` is the compiled path's."""
+    if isinstance(scale, Tensor):
+        torch._foreach_add_(tensors, torch._foreach_mul(other, scale))
+    else:
+        torch._foreach_add_(tensors, other, alpha=scale)
 
 
 def _update_per_tensor(
@@ -85,8 +98,28 @@ def _same_kind(*tensors: Tensor) -> bool:
 
 
 @functools.cache
-def _compiled_update() -> Callable[..., None]:
-    return torch.compile(_update_foreach, fullgraph=True, dynamic=False)
+def _compiled_kernel() -> Callable[..., None]:
+    # Not fullgraph: past dynamo's recompile limit (many groups of distinct shapes) the
+    # update falls back to eager instead of raising.
+    return torch.compile(_update_foreach)
+
+
+def _update_compiled(
+    slow: list[Tensor],
+    target: list[Tensor],
+    fast: list[Tensor],
+    buffers: list[Tensor],
+    outer_lr: float,
+    momentum: float,
+    nesterov: bool,
+) -> None:
+    # Python floats would be specialised: one recompilation per new outer_lr. 0-d CPU
+    # float64 tensors are graph inputs instead (not rounded to a low-precision phi's
+    # dtype), read without a device synchronisation.
+    def scalar(value: float) -> Tensor:
+        return torch.tensor(value, dtype=torch.float64)
+
+    _compiled_kernel()(slow, target, fast, buffers, scalar(outer_lr), scalar(momentum), nesterov)
 
 
 def _select(lists: list[list[Tensor]], indices: list[int]) -> list[list[Tensor]]:
@@ -123,9 +156,10 @@ def outer_update_(
         slow, target, fast, buffers = _select(lists, [i for i, same in enumerate(uniform) if same])
         if not slow:
             return
-    kernel = _compiled_update() if impl == "compiled" else _update_foreach
+    kernel = _update_compiled if impl == "compiled" else _update_foreach
     tensor_lists = [slow, target, fast] + ([buffers] if buffers else [])
-    grouped = torch.utils._foreach_utils._group_tensors_by_device_and_dtype(tensor_lists)  # type: ignore[arg-type]
+    # Optimizer's own grouping: under torch.compile it leaves the grouping to inductor.
+    grouped = Optimizer._group_tensors_by_device_and_dtype(tensor_lists)  # type: ignore[arg-type]
     for group_lists, _ in grouped.values():
         lists = cast(list[list[Tensor]], group_lists)
         b = lists[3] if buffers else []

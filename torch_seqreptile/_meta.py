@@ -180,10 +180,16 @@ class SlowWeightsOptimizer(OptimizerWrapper):
             loss = self._inner_step(closure_then_prepare)
             if not prepared:  # an inner optimizer that ignores its closure
                 self._before_inner_step()
+        self._count_and_update(groups)
+        return loss
+
+    # Under torch.compile of a training step only the inner step is traced: the slow-weight
+    # bookkeeping (tensor-keyed state, new entries, rare outer updates) runs eagerly.
+    @torch.compiler.disable  # type: ignore[untyped-decorator]
+    def _count_and_update(self, groups: list[dict[str, Any]]) -> None:
         for group in groups:
             group["trajectory_step"] += 1
         self._after_inner_step(groups)
-        return loss
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -196,8 +202,8 @@ class SlowWeightsOptimizer(OptimizerWrapper):
         Use it to evaluate or save the weights the method keeps without ending the inner
         trajectory. Costs one temporary copy of the tracked parameters.
         """
-        fast = [p for p in self.params() if p in self.state]
-        slow = [self.state[p][SLOW_WEIGHT] for p in fast]
+        fast = [p for p in self.params() if self._is_tracked(p)]
+        slow = [self._own_state[p][SLOW_WEIGHT] for p in fast]
         with torch.no_grad():
             backup = [f.detach().clone() for f in fast]
             copy_weights_(fast, slow)
@@ -207,11 +213,19 @@ class SlowWeightsOptimizer(OptimizerWrapper):
             copy_weights_(fast, backup)
 
     # ------------------------------------------------------------------ internals
-    def _slow_dtype(self, param: Tensor) -> torch.dtype:
-        if self.slow_dtype is not None:
-            return self.slow_dtype
-        return torch.float32 if param.dtype in _LOW_PRECISION else param.dtype
+    def _own_keys(self) -> frozenset[str]:
+        return frozenset(self._state_keys)
 
+    def _is_tracked(self, param: Tensor) -> bool:
+        """Whether ``param`` has its slow copy (reading ``state[p]`` may leave an empty entry)."""
+        return SLOW_WEIGHT in self._own_state.get(param, ())
+
+    def _slow_dtype(self, param: Tensor) -> torch.dtype:
+        if self.slow_dtype is None:
+            return torch.float32 if param.dtype in _LOW_PRECISION else param.dtype
+        return self.slow_dtype.to_complex() if param.is_complex() else self.slow_dtype
+
+    @torch.compiler.disable  # type: ignore[untyped-decorator]
     def _before_inner_step(self) -> None:
         if self.reject_nonfinite:
             self._check_finite_grads()
@@ -223,7 +237,10 @@ class SlowWeightsOptimizer(OptimizerWrapper):
         if self._untracked is None or num_params != self._num_params:
             self._num_params = num_params
             self._untracked = [
-                (p, gi) for gi, g in enumerate(groups) for p in g["params"] if p not in self.state
+                (p, gi)
+                for gi, g in enumerate(groups)
+                for p in g["params"]
+                if not self._is_tracked(p)
             ]
         if not self._untracked:
             return
@@ -233,21 +250,23 @@ class SlowWeightsOptimizer(OptimizerWrapper):
                 still_untracked.append((param, group_index))
                 continue
             slow = clone_to(param, self.slow_device, self._slow_dtype(param))
-            self.state[param] = self._new_state(param, slow, groups[group_index])
+            self._own_state[param] = self._new_state(param, slow, groups[group_index])
         self._untracked = still_untracked
 
     def _check_finite_grads(self) -> None:
         """One host-device synchronisation per device: all gradients finite, or raise."""
         by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
         for param in self.params():
-            if param.grad is not None:
+            if param.grad is not None and param.grad.device.type != "meta":
                 by_device[param.grad.device].append(param.grad)
         for grads in by_device.values():
             if bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
                 continue
             for index, param in enumerate(self.params()):
                 grad = param.grad
-                if grad is not None and not bool(torch.isfinite(grad).all()):
+                if grad is None or grad.device.type == "meta":
+                    continue
+                if not bool(torch.isfinite(grad).all()):
                     raise ValueError(
                         f"gradient of parameter {index} (shape {tuple(param.shape)}) is not "
                         "finite; reject_nonfinite=True refuses the step (nothing was updated)"
@@ -259,13 +278,13 @@ class SlowWeightsOptimizer(OptimizerWrapper):
         ``targets`` None means the fast weights themselves (SeqReptile); otherwise one target
         per tracked parameter of the group, in the group's order.
         """
-        fast = [p for p in group["params"] if p in self.state]
-        slow = [self.state[p][SLOW_WEIGHT] for p in fast]
+        fast = [p for p in group["params"] if self._is_tracked(p)]
+        slow = [self._own_state[p][SLOW_WEIGHT] for p in fast]
         momentum = group["outer_momentum"]
         buffers = []
         if momentum > 0.0:
             for p, s in zip(fast, slow):
-                buffers.append(self.state[p].setdefault(OUTER_BUFFER, torch.zeros_like(s)))
+                buffers.append(self._own_state[p].setdefault(OUTER_BUFFER, torch.zeros_like(s)))
         # FSDP2 (DTensor) parameters: update the local shards, which share one sharding.
         outer_update_(
             [local_tensor(t) for t in slow],
@@ -292,10 +311,10 @@ class SlowWeightsOptimizer(OptimizerWrapper):
 
     def _restart_trajectory(self, groups: list[dict[str, Any]]) -> None:
         """theta <- phi without moving phi (start of another task's trajectory in Reptile)."""
-        fast = [p for p in self.params() if p in self.state]
+        fast = [p for p in self.params() if self._is_tracked(p)]
         copy_weights_(
             [local_tensor(p) for p in fast],
-            [local_tensor(self.state[p][SLOW_WEIGHT]) for p in fast],
+            [local_tensor(self._own_state[p][SLOW_WEIGHT]) for p in fast],
         )
         for group in groups:
             self._end_trajectory(group)
@@ -309,7 +328,9 @@ class SlowWeightsOptimizer(OptimizerWrapper):
     def _own_state_dict(self, packed: dict[str, Any]) -> None:
         ids = [i for group in packed["param_groups"] for i in group["params"]]
         id_of = {id(p): i for p, i in zip(self.params(), ids)}
-        for param, entry in self.state.items():
+        for param, entry in self._own_state.items():
+            if not entry:  # an empty entry left by a read of the defaultdict
+                continue
             index = id_of[id(param)]
             inner = packed["state"].get(index, {})
             clash = set(inner) & set(entry)
@@ -354,8 +375,9 @@ class SlowWeightsOptimizer(OptimizerWrapper):
         inner_state: dict[Any, Any] = {}
         for pid, entry in state_dict["state"].items():
             where = f"state_dict['state'][{pid!r}]"
-            if pid not in id_map:
-                raise ValueError(f"{where} is for a parameter id that no param group lists")
+            if pid not in id_map:  # not a parameter's state (see check_layout)
+                inner_state[pid] = entry
+                continue
             if not isinstance(entry, dict):
                 raise ValueError(f"{where} must be a dict, got {type(entry).__name__}")
             rest = {k: v for k, v in entry.items() if k not in self._state_keys}
@@ -368,7 +390,7 @@ class SlowWeightsOptimizer(OptimizerWrapper):
                 )
 
         def commit() -> None:
-            self.state = defaultdict(dict, own_state)
+            self._own_state = defaultdict(dict, own_state)
             self._untracked = None
 
         return {**state_dict, "state": inner_state}, commit
@@ -385,7 +407,9 @@ class SlowWeightsOptimizer(OptimizerWrapper):
             raise ValueError(f"{where} has {sorted(entry)} but lacks {sorted(missing)}")
         loaded = {}
         for key, value in entry.items():
-            if not isinstance(value, Tensor) or not value.is_floating_point():
+            if not isinstance(value, Tensor) or not (
+                value.is_floating_point() or value.is_complex()
+            ):
                 raise ValueError(f"{where}[{key!r}] must be a floating-point tensor")
             if value.shape != param.shape:
                 raise ValueError(

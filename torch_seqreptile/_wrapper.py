@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -18,9 +20,11 @@ class OptimizerWrapper(Optimizer):
       clipping or a ``GradScaler`` acting on the wrapper acts on the inner optimizer. The
       wrapper's own hyperparameters are extra keys of those groups (``defaults`` lists them
       beside the inner optimizer's).
-    * ``state`` holds the wrapper's own per-parameter state; the inner optimizer keeps its
-      own in ``optimizer.state``. ``state_dict()`` merges both into torch's layout
-      ``{"state": {index: {...}}, "param_groups": [...]}``.
+    * ``state[p]`` shows the parameter's whole state: the inner optimizer's entries (kept in
+      ``optimizer.state``, so that the inner optimizer sees only its own) beside the
+      wrapper's (kept in ``_own_state``). It is a read-only view; assigning
+      ``state[p] = {...}`` routes each key to its owner. ``state_dict()`` merges both in
+      torch's layout ``{"state": {index: {...}}, "param_groups": [...]}``.
     * Step and state-dict hooks registered on the wrapper fire once per call; the global
       step hooks (``torch.optim.optimizer.register_optimizer_step_pre_hook``) fire for the
       wrapper only, not a second time for the inner step.
@@ -45,6 +49,7 @@ class OptimizerWrapper(Optimizer):
             )
         self.optimizer = optimizer
         self._own_defaults = own_defaults
+        self._own_state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
         groups = list(optimizer.param_groups)
         # Optimizer.__init__ empties param_groups (here: the inner optimizer's list) and adds
         # every group again through add_param_group, which fills in the wrapper's keys.
@@ -58,6 +63,22 @@ class OptimizerWrapper(Optimizer):
     @param_groups.setter
     def param_groups(self, value: list[dict[str, Any]]) -> None:
         self.optimizer.param_groups = value
+
+    @property  # type: ignore[override]
+    def state(self) -> MergedState:
+        return MergedState(self._own_state, self.optimizer.state, self._own_keys())
+
+    @state.setter
+    def state(self, value: Mapping[Tensor, Mapping[str, Any]]) -> None:
+        # Optimizer.__init__ assigns an empty state: that must not clear the inner one.
+        self._own_state = defaultdict(dict)
+        view = self.state
+        for param, entry in value.items():
+            view[param] = entry
+
+    def _own_keys(self) -> frozenset[str]:
+        """Per-parameter state keys that belong to the wrapper."""
+        return frozenset()
 
     def params(self) -> Iterator[Tensor]:
         """All parameters of all groups, in the order ``state_dict`` indexes them."""
@@ -90,13 +111,7 @@ class OptimizerWrapper(Optimizer):
 
     # ------------------------------------------------------------------ step
     def _inner_step(self, closure: Callable[[], Any] | None) -> Any:
-        """The inner optimizer's step, without firing the global step hooks a second time.
-
-        ``Optimizer`` wraps every subclass's ``step`` so that it runs the global and the
-        instance's step hooks; the wrapper's own ``step`` has already run the global ones.
-        """
-        step = type(self.optimizer).step
-        return getattr(step, "__wrapped__", step)(self.optimizer, closure)
+        return unhooked_step(self.optimizer, closure)
 
     # ------------------------------------------------------------------ copy, pickle, repr
     def __getstate__(self) -> dict[str, Any]:
@@ -164,6 +179,67 @@ class OptimizerWrapper(Optimizer):
             post_hook(self)
 
 
+class MergedState(MutableMapping[Tensor, Mapping[str, Any]]):
+    """``param -> read-only view of its state``, merging the wrapper's and the inner optimizer's.
+
+    Like torch's ``defaultdict`` state, a parameter without state reads as empty (without
+    an entry being created). ``view[p] = entry`` sends the wrapper's keys to the wrapper and
+    every other key to the inner optimizer; ``del view[p]`` removes both.
+    """
+
+    def __init__(
+        self,
+        own: defaultdict[Tensor, dict[str, Any]],
+        inner: MutableMapping[Tensor, Any],
+        own_keys: frozenset[str],
+    ) -> None:
+        self._own, self._inner, self._own_keys = own, inner, own_keys
+
+    def __getitem__(self, param: Tensor) -> Mapping[str, Any]:
+        if not isinstance(param, Tensor):  # torch allows other keys (e.g. from a hook)
+            return self._inner[param]  # type: ignore[no-any-return]
+        return MappingProxyType({**self._inner.get(param, {}), **self._own.get(param, {})})
+
+    def __setitem__(self, param: Tensor, entry: Mapping[str, Any]) -> None:
+        if not isinstance(param, Tensor):
+            self._inner[param] = entry
+            return
+        own = {k: v for k, v in entry.items() if k in self._own_keys}
+        inner = {k: v for k, v in entry.items() if k not in self._own_keys}
+        for store, part in ((self._own, own), (self._inner, inner)):
+            if part:
+                store[param] = part
+            else:
+                store.pop(param, None)
+
+    def __delitem__(self, param: Tensor) -> None:
+        if param not in self:
+            raise KeyError(param)
+        self._own.pop(param, None)
+        self._inner.pop(param, None)
+
+    def __contains__(self, param: object) -> bool:
+        return bool(self._own.get(param)) or param in self._inner  # type: ignore[call-overload]
+
+    def __iter__(self) -> Iterator[Tensor]:
+        yield from self._inner
+        yield from (p for p, entry in self._own.items() if entry and p not in self._inner)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def unhooked_step(optimizer: Optimizer, closure: Callable[[], Any] | None = None) -> Any:
+    """``optimizer.step(closure)`` without its step hooks: a step inside the wrapper's own.
+
+    ``Optimizer`` wraps every subclass's ``step`` so that it runs the global and the
+    instance's step hooks; the wrapper's ``step`` has already run the global ones, which must
+    fire once per step the user takes.
+    """
+    step = type(optimizer).step
+    return getattr(step, "__wrapped__", step)(optimizer, closure)
+
+
 def check_layout(state_dict: dict[str, Any], groups: list[dict[str, Any]]) -> None:
     """Raise ``ValueError`` unless ``state_dict`` has torch's layout and matches ``groups``."""
     if "wrapper" in state_dict or "inner" in state_dict:
@@ -180,12 +256,20 @@ def check_layout(state_dict: dict[str, Any], groups: list[dict[str, Any]]) -> No
         raise ValueError(
             f"state_dict has {len(saved)} parameter groups, this optimizer has {len(groups)}"
         )
+    listed = set()
     for index, (saved_group, group) in enumerate(zip(saved, groups)):
         ids = saved_group.get("params") if isinstance(saved_group, dict) else None
         if not isinstance(ids, list) or len(ids) != len(group["params"]):
             raise ValueError(
                 f"state_dict['param_groups'][{index}] must list {len(group['params'])} "
                 f"parameters, got {None if ids is None else len(ids)}"
+            )
+        listed.update(ids)
+    for pid in state_dict["state"]:
+        # torch passes keys that are not parameter ids (a hook's) through unchanged
+        if isinstance(pid, int) and pid not in listed:
+            raise ValueError(
+                f"state_dict['state'][{pid!r}] is for a parameter id that no param group lists"
             )
 
 

@@ -189,12 +189,12 @@ class Reptile(SlowWeightsOptimizer):
         return {SLOW_WEIGHT, ENDPOINT_SUM}
 
     def _tracked(self) -> list[Tensor]:
-        return [p for p in self.params() if p in self.state]
+        return [p for p in self.params() if self._is_tracked(p)]
 
     @torch.no_grad()
     def _add_endpoint(self, groups: list[dict[str, Any]]) -> None:
         for param in self._tracked():
-            total = self.state[param][ENDPOINT_SUM]
+            total = self._own_state[param][ENDPOINT_SUM]
             # blocking copy: a device-to-host copy is complete before it is read
             local_tensor(total).add_(local_tensor(param).to(local_tensor(total).device))
         for group in groups:
@@ -204,8 +204,8 @@ class Reptile(SlowWeightsOptimizer):
     def _finish_round(self, groups: list[dict[str, Any]]) -> None:
         count = self._all_reduce_endpoints() if self.parallel else self.trajectory_index
         for group in groups:
-            tracked = [p for p in group["params"] if p in self.state]
-            sums = [self.state[p][ENDPOINT_SUM] for p in tracked]
+            tracked = [p for p in group["params"] if self._is_tracked(p)]
+            sums = [self._own_state[p][ENDPOINT_SUM] for p in tracked]
             if sums:
                 torch._foreach_div_([local_tensor(t) for t in sums], float(count))
             self._outer_update(group, targets=sums)
@@ -224,7 +224,7 @@ class Reptile(SlowWeightsOptimizer):
         groups = self.param_groups
         params = list(self.params())
         flags = torch.zeros(len(params) + 1, dtype=torch.int64)
-        flags[[i for i, p in enumerate(params) if p in self.state]] = 1
+        flags[[i for i, p in enumerate(params) if self._is_tracked(p)]] = 1
         flags[-1] = self.trajectory_index
         device = local_tensor(params[0]).device if params else flags.device
         flags = flags.to(device)
@@ -232,12 +232,13 @@ class Reptile(SlowWeightsOptimizer):
         group_of = [g for g in groups for _ in g["params"]]
         for index in flags[:-1].nonzero().flatten().tolist():
             param = params[index]
-            if param not in self.state:
+            if not self._is_tracked(param):
                 slow = clone_to(param, self.slow_device, self._slow_dtype(param))
-                self.state[param] = self._new_state(param, slow, group_of[index])
+                self._own_state[param] = self._new_state(param, slow, group_of[index])
         self._untracked = None
         all_reduce_sum_(
-            [self.state[p][ENDPOINT_SUM] for p in params if p in self.state], self.process_group
+            [self._own_state[p][ENDPOINT_SUM] for p in params if self._is_tracked(p)],
+            self.process_group,
         )
         return int(flags[-1])
 

@@ -12,6 +12,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from torch_seqreptile._validation import check_float, check_int
+from torch_seqreptile._wrapper import unhooked_step
 from torch_seqreptile.surgery._base import Array, GradientCombiner
 
 
@@ -132,7 +133,7 @@ class GradNorm(GradientCombiner):
     def _after_step(self) -> None:
         if self.loss_weights.grad is None:
             return
-        self.weight_optimizer.step()
+        unhooked_step(self.weight_optimizer)
         self.weight_optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             self.loss_weights.mul_(len(self.loss_weights) / self.loss_weights.sum())
