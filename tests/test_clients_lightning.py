@@ -5,8 +5,8 @@ Lightning calls ``optimizer.step(closure)`` through its ``LightningOptimizer`` a
 sampler seeded by the global batch number, with ``set_epoch`` (which Lightning calls before
 every epoch, from its restored epoch counter on resume): a resumed run sees exactly the
 batches of an uninterrupted one. ``TaskBatchSampler`` keeps its position in a stream instead
-and, since Lightning never asks it for a batch past ``len(sampler)``, yields an empty second
-epoch under Lightning (issue #14), so it is not used here.
+(it does not take ``set_epoch`` yet), so the resume tests use this sampler; the last test
+checks that ``TaskBatchSampler`` gives full epochs under Lightning.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ pytest.importorskip("lightning")
 
 import lightning as L
 
-from torch_seqreptile import Reptile, SeqReptile
+from torch_seqreptile import Reptile, SeqReptile, TaskBatchSampler
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -213,3 +213,19 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(name: str, tmp_path: Pa
     lost = Snapshots()
     fit(name, EPOCHS, tmp_path / "lost", [lost], ckpt_path=str(tmp_path / "no_slow.ckpt"))
     assert not equal(lost.epochs[0]["phi"], full.epochs[1]["phi"])
+
+
+def test_task_batch_sampler_gives_full_epochs_under_lightning(tmp_path: Path) -> None:
+    """Lightning stops after ``len(loader)`` batches: every epoch must still be full."""
+    module = TaskNet(OPTIMIZERS["seqreptile"][0])
+    sampler = TaskBatchSampler(SIZES, BATCH, seed=3, num_batches=BATCHES)
+    trainer = L.Trainer(
+        max_epochs=EPOCHS, accelerator="cpu", devices=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(module, DataLoader(dataset(), batch_sampler=sampler))
+    assert trainer.global_step == len(module.steps) == EPOCHS * BATCHES
+    expected = TaskBatchSampler(SIZES, BATCH, seed=3, num_batches=BATCHES)
+    tasks = [sampler.task_of(b[0]) for _ in range(EPOCHS) for b in expected]
+    assert [task for task, _ in module.tasks] == tasks

@@ -53,7 +53,7 @@ def test_every_path_passes_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[
 def test_compiled_path_passes_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, report = run(tmp_path, capsys, ["compiled"])
     failed = [(r["path"], r["dtype"], r["note"]) for r in report["checks"] if not r["ok"]]
-    assert code == 0 and not failed, failed
+    assert code == 0 and not failed and "FAIL" not in out, failed
     assert sum("/compiled/" in r["path"] for r in report["checks"]) == len(
         gpu_check.cases(["compiled"])
     )

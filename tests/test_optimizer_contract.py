@@ -479,3 +479,13 @@ def test_reset_inner_state_keeps_recadam_anchors() -> None:
     for p, anchor in zip(net.parameters(), anchors):
         assert torch.equal(inner[p]["pretrained"], anchor)
     assert {int(inner[p]["step"]) for p in net.trunk.parameters()} == {1}
+
+
+def test_reptile_round_without_any_gradient_is_a_no_op() -> None:
+    param = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+    opt = Reptile(torch.optim.SGD([param], lr=0.1), 1, 0.5, num_tasks=2)
+    for _ in range(3):  # a round ends with no tracked parameter
+        opt.step()
+    opt.outer_step()
+    assert torch.equal(param.detach(), torch.ones(2, dtype=torch.float64))
+    assert opt.trajectory_index == 0 and len(opt.state) == 0

@@ -78,6 +78,23 @@ def test_iterations_continue_the_stream_and_resume_exactly() -> None:
     assert list(TaskBatchSampler(SIZES, 7, seed=5, num_batches=30)) == stream[:30]
 
 
+@pytest.mark.parametrize("kind", ["task", "multi"])
+def test_a_consumer_that_stops_at_len_gets_full_epochs(kind: str) -> None:
+    """Lightning stops after ``len(loader)`` batches and never asks for one more."""
+
+    def make() -> TaskBatchSampler | MultiTaskBatchSampler:
+        if kind == "task":
+            return TaskBatchSampler(SIZES, 7, seed=5, num_batches=9)
+        return MultiTaskBatchSampler(SIZES, 7, tasks_per_step=2, seed=5, num_batches=9)
+
+    sampler, exhausted = make(), make()
+    bounded = [list(itertools.islice(iter(sampler), len(sampler))) for _ in range(3)]
+    assert [len(epoch) for epoch in bounded] == [9, 9, 9]
+    assert bounded == [list(exhausted) for _ in range(3)]  # the same stream as run to the end
+    loader = DataLoader(TensorDataset(torch.arange(sum(SIZES))), batch_sampler=make())
+    assert [len([b for _, b in zip(range(len(loader)), loader)]) for _ in range(3)] == [9] * 3
+
+
 def test_cyclic_order_with_blocks_skips_empty_tasks() -> None:
     sampler = TaskBatchSampler([5, 0, 5], 2, task_order="cyclic", steps_per_task=2, num_batches=8)
     assert [sampler.task_of(b[0]) for b in sampler] == [0, 0, 2, 2, 0, 0, 2, 2]

@@ -98,7 +98,13 @@ class _TaskSampler(Sampler[list[int]]):
         raise NotImplementedError
 
     def __iter__(self) -> Iterator[list[int]]:
-        """The rest of the current pass of ``len(self)`` batches (all of it unless resumed)."""
+        """The rest of the current pass of ``len(self)`` batches (all of it unless resumed).
+
+        A pass whose ``len(self)`` batches were all taken is complete even if the consumer
+        stopped without asking for one more (Lightning, ``zip(range(len(loader)), loader)``).
+        """
+        if self.batches_in_epoch >= self.num_batches:
+            self.batches_in_epoch = 0
         while self.batches_in_epoch < self.num_batches:
             self.batches_in_epoch += 1
             yield self._next_batch()
