@@ -176,6 +176,8 @@ def test_copies_continue_identically(name: str, how: str) -> None:
     net = model()
     opt = ALL[name](net)
     opt.register_step_post_hook(lambda *_: None)  # hooks are not copied, as in torch
+    # a scheduler patches opt.step with a wrapper bound to this very optimizer
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.9)
     train(net, opt, range(4))
     if how == "deepcopy":
         copied = copy.deepcopy((net, opt))
@@ -186,6 +188,7 @@ def test_copies_continue_identically(name: str, how: str) -> None:
     train(net, opt, range(4, 9))
     train(*copied, range(4, 9))
     assert_same_run((net, opt), copied)
+    assert scheduler.optimizer is opt
 
 
 # ---------------------------------------------------------------- hooks
@@ -306,6 +309,12 @@ META_TAMPERS = [
         "floating-point tensor",
     ),
     ("entry", lambda s: s["state"].__setitem__(min(s["state"]), 3), ValueError, "must be a dict"),
+    (
+        "str id",  # what a JSON round trip makes of the keys
+        lambda s: s["state"].__setitem__("0", s["state"].pop(min(s["state"]))),
+        ValueError,
+        "not a parameter id",
+    ),
 ]
 REPTILE_TAMPERS = [
     *META_TAMPERS,
@@ -489,3 +498,38 @@ def test_reptile_round_without_any_gradient_is_a_no_op() -> None:
     opt.outer_step()
     assert torch.equal(param.detach(), torch.ones(2, dtype=torch.float64))
     assert opt.trajectory_index == 0 and len(opt.state) == 0
+
+
+@pytest.mark.parametrize("name", META)
+def test_state_is_a_live_view_that_keeps_tracking_consistent(name: str) -> None:
+    net = model()
+    opt = ALL[name](net)
+    train(net, opt, range(2))
+    for entry in opt.state.values():  # torch's "move the state to a device" loop
+        for key, value in entry.items():
+            if isinstance(value, Tensor):
+                entry[key] = value.clone()
+    assert_same(opt.state_dict(), copy.deepcopy(opt.state_dict()))
+    weight = next(net.trunk.parameters())
+    del opt.state[weight]  # forgets phi and the inner moments of this parameter
+    assert weight not in opt.state and weight not in opt.optimizer.state
+    train(net, opt, range(2, 3))
+    assert "slow_weight" in opt.state[weight]  # tracked again at its next gradient
+
+
+def test_reptile_groups_must_share_one_schedule_when_added() -> None:
+    net = model()
+    opt = ALL["reptile"](net)
+    extra = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="one schedule"):
+        opt.add_param_group({"params": [extra], "inner_steps": 5})
+    assert len(opt.param_groups) == 2
+
+
+def test_add_param_group_reads_the_edited_defaults() -> None:
+    net = model()
+    opt = ALL["seqreptile"](net)
+    opt.defaults["outer_lr"] = 0.9
+    opt.defaults["lr"] = 0.7
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))]})
+    assert (opt.param_groups[-1]["outer_lr"], opt.param_groups[-1]["lr"]) == (0.9, 0.7)

@@ -151,8 +151,15 @@ def test_param_groups_are_the_inner_list_and_state_is_split() -> None:
     assert len(inner.state) > 0 and set(opt.state) == set(inner.state)
     assert {frozenset(s) for s in opt.state.values()} == {frozenset({*adam, "slow_weight"})}
     assert {frozenset(s) for s in inner.state.values()} == {frozenset(adam)}
-    with pytest.raises(TypeError):
-        opt.state[next(iter(inner.state))]["slow_weight"] = None  # type: ignore[index]
+    # a live view: writes go to the key's owner, checked like a loaded state
+    param = next(iter(inner.state))
+    moved = opt.state[param]["slow_weight"].clone()
+    opt.state[param]["slow_weight"] = moved
+    assert opt.state[param]["slow_weight"] is moved and "slow_weight" not in inner.state[param]
+    with pytest.raises(ValueError, match="shape"):
+        opt.state[param]["slow_weight"] = torch.zeros(7, dtype=moved.dtype)
+    with pytest.raises(TypeError, match="floating-point tensor"):
+        opt.state[param]["slow_weight"] = None
     opt.zero_grad()
     assert all(p.grad is None for p in model.parameters())
     inner.load_state_dict(inner.state_dict())  # rebinds the inner attributes

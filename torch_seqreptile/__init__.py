@@ -6,7 +6,7 @@ from torch_seqreptile.reptile import Reptile
 from torch_seqreptile.sampling import MultiTaskBatchSampler, TaskBatchSampler, task_probabilities
 from torch_seqreptile.seqreptile import SeqReptile
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
     "MultiTaskBatchSampler",

@@ -9,8 +9,9 @@ Every path computes, for each parameter tensor (Algorithm 1, lines 9-10; Eq. 3 a
     fast  = slow                                # theta <- phi
 
 ``target`` is the end of the inner trajectory (``fast`` itself for SeqReptile, the mean of
-the task trajectories for Reptile).  Scalars stay Python floats, so no path synchronises
-host and device.
+the task trajectories for Reptile). Scalars are Python floats (0-d CPU tensors in the
+compiled path), so no path synchronises host and device except the blocking copies of the
+cross-device path.
 
 Paths (``impl``):
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -202,7 +202,7 @@ class SlowWeightsOptimizer(OptimizerWrapper):
         Use it to evaluate or save the weights the method keeps without ending the inner
         trajectory. Costs one temporary copy of the tracked parameters.
         """
-        fast = [p for p in self.params() if self._is_tracked(p)]
+        fast = self._tracked()
         slow = [self._own_state[p][SLOW_WEIGHT] for p in fast]
         with torch.no_grad():
             backup = [f.detach().clone() for f in fast]
@@ -219,6 +219,22 @@ class SlowWeightsOptimizer(OptimizerWrapper):
     def _is_tracked(self, param: Tensor) -> bool:
         """Whether ``param`` has its slow copy (reading ``state[p]`` may leave an empty entry)."""
         return SLOW_WEIGHT in self._own_state.get(param, ())
+
+    def _tracked(self, params: Iterable[Tensor] | None = None) -> list[Tensor]:
+        """The parameters (of ``params``, default all) that have a slow copy, in order."""
+        return [p for p in (self.params() if params is None else params) if self._is_tracked(p)]
+
+    def _check_own_state(self, param: Tensor, key: str, value: Any) -> None:
+        if not isinstance(value, Tensor) or not (value.is_floating_point() or value.is_complex()):
+            raise TypeError(f"state[p][{key!r}] must be a floating-point tensor")
+        if value.shape != param.shape:
+            raise ValueError(
+                f"state[p][{key!r}] must have its parameter's shape {tuple(param.shape)}, "
+                f"got {tuple(value.shape)}"
+            )
+
+    def _state_changed(self) -> None:
+        self._untracked = None  # a parameter may have lost (or got) its slow copy
 
     def _slow_dtype(self, param: Tensor) -> torch.dtype:
         if self.slow_dtype is None:
@@ -278,13 +294,18 @@ class SlowWeightsOptimizer(OptimizerWrapper):
         ``targets`` None means the fast weights themselves (SeqReptile); otherwise one target
         per tracked parameter of the group, in the group's order.
         """
-        fast = [p for p in group["params"] if self._is_tracked(p)]
+        fast = self._tracked(group["params"])
         slow = [self._own_state[p][SLOW_WEIGHT] for p in fast]
         momentum = group["outer_momentum"]
         buffers = []
-        if momentum > 0.0:
-            for p, s in zip(fast, slow):
-                buffers.append(self._own_state[p].setdefault(OUTER_BUFFER, torch.zeros_like(s)))
+        for p, s in zip(fast, slow):
+            entry = self._own_state[p]
+            if momentum == 0.0:
+                entry.pop(OUTER_BUFFER, None)  # momentum switched off: its history goes
+            elif OUTER_BUFFER in entry:
+                buffers.append(entry[OUTER_BUFFER])
+            else:  # momentum switched on during training
+                buffers.append(entry.setdefault(OUTER_BUFFER, torch.zeros_like(s)))
         # FSDP2 (DTensor) parameters: update the local shards, which share one sharding.
         outer_update_(
             [local_tensor(t) for t in slow],
@@ -311,7 +332,7 @@ class SlowWeightsOptimizer(OptimizerWrapper):
 
     def _restart_trajectory(self, groups: list[dict[str, Any]]) -> None:
         """theta <- phi without moving phi (start of another task's trajectory in Reptile)."""
-        fast = [p for p in self.params() if self._is_tracked(p)]
+        fast = self._tracked()
         copy_weights_(
             [local_tensor(p) for p in fast],
             [local_tensor(self._own_state[p][SLOW_WEIGHT]) for p in fast],
@@ -349,7 +370,7 @@ class SlowWeightsOptimizer(OptimizerWrapper):
     ) -> tuple[dict[str, Any], Callable[[], None]]:
         saved_groups = state_dict["param_groups"]
         own_keys = {*self._own_defaults, *self._counters, *self._state_keys}
-        foreign = _keys_of_all_wrappers() - own_keys
+        foreign = _keys_of_all_wrappers() - own_keys - set(self.optimizer.defaults)
         entries = [e for e in state_dict["state"].values() if isinstance(e, dict)]
         for index, saved in enumerate(saved_groups):
             where = f"state_dict['param_groups'][{index}]"
@@ -376,6 +397,11 @@ class SlowWeightsOptimizer(OptimizerWrapper):
         for pid, entry in state_dict["state"].items():
             where = f"state_dict['state'][{pid!r}]"
             if pid not in id_map:  # not a parameter's state (see check_layout)
+                if isinstance(entry, dict) and set(entry) & set(self._state_keys):
+                    raise ValueError(
+                        f"{where} holds {sorted(set(entry) & set(self._state_keys))} but "
+                        "is not a parameter id of the param groups (ids are ints)"
+                    )
                 inner_state[pid] = entry
                 continue
             if not isinstance(entry, dict):

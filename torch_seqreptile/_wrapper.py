@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping, MutableMapping
-from types import MappingProxyType
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.optim.optimizer import required
+
+from torch_seqreptile._state_view import StateView
+
+#: instance attributes that schedulers (``step``, ``_opt_called``) and accelerate set
+_PATCHED_BY_USERS = frozenset({"step", "_opt_called", "zero_grad"})
 
 
 class OptimizerWrapper(Optimizer):
@@ -20,11 +25,11 @@ class OptimizerWrapper(Optimizer):
       clipping or a ``GradScaler`` acting on the wrapper acts on the inner optimizer. The
       wrapper's own hyperparameters are extra keys of those groups (``defaults`` lists them
       beside the inner optimizer's).
-    * ``state[p]`` shows the parameter's whole state: the inner optimizer's entries (kept in
-      ``optimizer.state``, so that the inner optimizer sees only its own) beside the
-      wrapper's (kept in ``_own_state``). It is a read-only view; assigning
-      ``state[p] = {...}`` routes each key to its owner. ``state_dict()`` merges both in
-      torch's layout ``{"state": {index: {...}}, "param_groups": [...]}``.
+    * ``state[p]`` is a live view of the parameter's whole state: the inner optimizer's
+      entries (kept in ``optimizer.state``, so that the inner optimizer sees only its own)
+      beside the wrapper's (kept in ``_own_state``); reads and writes go to the key's owner.
+      ``state_dict()`` merges both in torch's layout
+      ``{"state": {index: {...}}, "param_groups": [...]}``.
     * Step and state-dict hooks registered on the wrapper fire once per call; the global
       step hooks (``torch.optim.optimizer.register_optimizer_step_pre_hook``) fire for the
       wrapper only, not a second time for the inner step.
@@ -65,20 +70,37 @@ class OptimizerWrapper(Optimizer):
         self.optimizer.param_groups = value
 
     @property  # type: ignore[override]
-    def state(self) -> MergedState:
-        return MergedState(self._own_state, self.optimizer.state, self._own_keys())
+    def state(self) -> StateView:
+        return StateView(
+            self._own_state,
+            self.optimizer.state,
+            self._own_keys(),
+            self._check_own_state,
+            self._state_changed,
+        )
 
     @state.setter
-    def state(self, value: Mapping[Tensor, Mapping[str, Any]]) -> None:
-        # Optimizer.__init__ assigns an empty state: that must not clear the inner one.
+    def state(self, value: Mapping[Any, Mapping[str, Any]]) -> None:
+        """Replace the whole state, the inner optimizer's included (``Optimizer.__init__``
+        assigns an empty one: that must keep the inner state, e.g. RecAdam's anchors)."""
+        entries = dict(value.items())
+        if entries or self._own_state:
+            self.optimizer.state.clear()
         self._own_state = defaultdict(dict)
         view = self.state
-        for param, entry in value.items():
+        for param, entry in entries.items():
             view[param] = entry
+        self._state_changed()
 
     def _own_keys(self) -> frozenset[str]:
         """Per-parameter state keys that belong to the wrapper."""
         return frozenset()
+
+    def _check_own_state(self, param: Tensor, key: str, value: Any) -> None:
+        """Raise if ``value`` cannot be the wrapper's ``state[param][key]``."""
+
+    def _state_changed(self) -> None:
+        """Called after the state was changed through :attr:`state`."""
 
     def params(self) -> Iterator[Tensor]:
         """All parameters of all groups, in the order ``state_dict`` indexes them."""
@@ -87,7 +109,14 @@ class OptimizerWrapper(Optimizer):
 
     # ------------------------------------------------------------------ groups
     def _check_group(self, group: dict[str, Any], where: str) -> None:
-        """Raise ``TypeError``/``ValueError`` for an invalid value of the wrapper's keys."""
+        """Raise ``TypeError``/``ValueError`` for an invalid value of the wrapper's keys.
+
+        Errors name ``where[key]`` (e.g. ``param_groups[1]['outer_lr']``), or the
+        constructor's argument when ``where`` is empty.
+        """
+
+    def _check_new_group(self, group: dict[str, Any]) -> None:
+        """Raise if ``group`` cannot join the existing groups (Reptile: one schedule)."""
 
     def _init_group(self, group: dict[str, Any]) -> None:
         """Set the wrapper's per-group counters of a group just added."""
@@ -99,9 +128,11 @@ class OptimizerWrapper(Optimizer):
         """
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
-        candidate = {**self._own_defaults, **param_group}
+        defaults = {k: v for k, v in self.defaults.items() if v is not required}
+        candidate = {**defaults, **param_group}
         self._check_group(candidate, f"param_groups[{len(self.param_groups)}]")
-        for name, value in self._own_defaults.items():
+        self._check_new_group(candidate)
+        for name, value in defaults.items():  # opt.defaults, edits included, as torch reads it
             param_group.setdefault(name, value)
         self.optimizer.add_param_group(param_group)
         self._init_group(self.param_groups[-1])
@@ -115,9 +146,15 @@ class OptimizerWrapper(Optimizer):
 
     # ------------------------------------------------------------------ copy, pickle, repr
     def __getstate__(self) -> dict[str, Any]:
-        # Like Optimizer.__getstate__, leave the hooks out (they are often lambdas); unlike
-        # it, keep every other attribute, the inner optimizer included.
-        return {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_")}
+        # Like Optimizer.__getstate__, leave out what belongs to the optimizer's users: hooks
+        # (often lambdas) and what an LR scheduler or accelerate patches onto the instance
+        # (``step``, a wrapper holding a weak reference to this very optimizer, and
+        # ``_opt_called``). Unlike it, keep every other attribute, the inner optimizer too.
+        return {
+            k: v
+            for k, v in self.__dict__.items()
+            if not k.startswith("_optimizer_") and k not in _PATCHED_BY_USERS
+        }
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__}({type(self.optimizer).__name__}) ("]
@@ -177,56 +214,6 @@ class OptimizerWrapper(Optimizer):
         commit()
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
-
-
-class MergedState(MutableMapping[Tensor, Mapping[str, Any]]):
-    """``param -> read-only view of its state``, merging the wrapper's and the inner optimizer's.
-
-    Like torch's ``defaultdict`` state, a parameter without state reads as empty (without
-    an entry being created). ``view[p] = entry`` sends the wrapper's keys to the wrapper and
-    every other key to the inner optimizer; ``del view[p]`` removes both.
-    """
-
-    def __init__(
-        self,
-        own: defaultdict[Tensor, dict[str, Any]],
-        inner: MutableMapping[Tensor, Any],
-        own_keys: frozenset[str],
-    ) -> None:
-        self._own, self._inner, self._own_keys = own, inner, own_keys
-
-    def __getitem__(self, param: Tensor) -> Mapping[str, Any]:
-        if not isinstance(param, Tensor):  # torch allows other keys (e.g. from a hook)
-            return self._inner[param]  # type: ignore[no-any-return]
-        return MappingProxyType({**self._inner.get(param, {}), **self._own.get(param, {})})
-
-    def __setitem__(self, param: Tensor, entry: Mapping[str, Any]) -> None:
-        if not isinstance(param, Tensor):
-            self._inner[param] = entry
-            return
-        own = {k: v for k, v in entry.items() if k in self._own_keys}
-        inner = {k: v for k, v in entry.items() if k not in self._own_keys}
-        for store, part in ((self._own, own), (self._inner, inner)):
-            if part:
-                store[param] = part
-            else:
-                store.pop(param, None)
-
-    def __delitem__(self, param: Tensor) -> None:
-        if param not in self:
-            raise KeyError(param)
-        self._own.pop(param, None)
-        self._inner.pop(param, None)
-
-    def __contains__(self, param: object) -> bool:
-        return bool(self._own.get(param)) or param in self._inner  # type: ignore[call-overload]
-
-    def __iter__(self) -> Iterator[Tensor]:
-        yield from self._inner
-        yield from (p for p, entry in self._own.items() if entry and p not in self._inner)
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
 
 
 def unhooked_step(optimizer: Optimizer, closure: Callable[[], Any] | None = None) -> Any:

@@ -127,9 +127,15 @@ class Reptile(SlowWeightsOptimizer):
         per_round = self._per_round(group["num_tasks"])
         if group["trajectory_index"] >= per_round:
             raise ValueError(
-                f"{where}['trajectory_index'] must be below the {per_round} trajectories per "
-                f"round, got {group['trajectory_index']}"
+                f"{where}['trajectory_index'] is {group['trajectory_index']}: this round "
+                f"already ran that many trajectories, more than the {per_round} per round of "
+                f"{where}['num_tasks']={group['num_tasks']}; change num_tasks between rounds "
+                "(after outer_step())"
             )
+
+    def _check_new_group(self, group: dict[str, Any]) -> None:
+        if self.param_groups:
+            self._check_one_schedule([self.param_groups[0], group], "param_groups", counters=False)
 
     def _init_group(self, group: dict[str, Any]) -> None:
         # Counters are one schedule for all groups: a later group joins the current round.
@@ -140,13 +146,16 @@ class Reptile(SlowWeightsOptimizer):
 
     def _checked_groups(self) -> list[dict[str, Any]]:
         groups = super()._checked_groups()
-        self._check_saved_groups(groups, "param_groups")
+        self._check_one_schedule(groups, "param_groups")
         return groups
 
-    def _check_saved_groups(
-        self, groups: list[dict[str, Any]], where: str = "state_dict['param_groups']"
+    def _check_saved_groups(self, groups: list[dict[str, Any]]) -> None:
+        self._check_one_schedule(groups, "state_dict['param_groups']")
+
+    def _check_one_schedule(
+        self, groups: list[dict[str, Any]], where: str, counters: bool = True
     ) -> None:
-        for key in ("inner_steps", "num_tasks", *self._counters):
+        for key in ("inner_steps", "num_tasks", *(self._counters if counters else ())):
             values = {group[key] for group in groups}
             if len(values) > 1:
                 raise ValueError(
@@ -188,9 +197,6 @@ class Reptile(SlowWeightsOptimizer):
     def _required_state_keys(self, group: dict[str, Any]) -> set[str]:
         return {SLOW_WEIGHT, ENDPOINT_SUM}
 
-    def _tracked(self) -> list[Tensor]:
-        return [p for p in self.params() if self._is_tracked(p)]
-
     @torch.no_grad()
     def _add_endpoint(self, groups: list[dict[str, Any]]) -> None:
         for param in self._tracked():
@@ -204,7 +210,7 @@ class Reptile(SlowWeightsOptimizer):
     def _finish_round(self, groups: list[dict[str, Any]]) -> None:
         count = self._all_reduce_endpoints() if self.parallel else self.trajectory_index
         for group in groups:
-            tracked = [p for p in group["params"] if self._is_tracked(p)]
+            tracked = self._tracked(group["params"])
             sums = [self._own_state[p][ENDPOINT_SUM] for p in tracked]
             if sums:
                 torch._foreach_div_([local_tensor(t) for t in sums], float(count))

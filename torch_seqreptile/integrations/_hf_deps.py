@@ -18,7 +18,7 @@ try:
 except ImportError as error:
     raise ImportError(
         "torch_seqreptile.integrations.transformers needs Hugging Face transformers and "
-        'accelerate: pip install "torch-seqreptile[hf]" accelerate'
+        'accelerate: pip install "torch-seqreptile[hf]"'
     ) from error
 
 __all__ = [
