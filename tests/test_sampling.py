@@ -138,6 +138,8 @@ def test_works_as_a_dataloader_batch_sampler() -> None:
         ({"task_sizes": [3, 2.5], "batch_size": 2}, r"task_sizes\[1\]"),
         ({"task_sizes": [3], "batch_size": 0}, "batch_size"),
         ({"task_sizes": [3], "batch_size": 2, "q": float("nan")}, "q"),
+        ({"task_sizes": [3], "batch_size": 2, "q": None}, "q must be a finite float"),
+        ({"task_sizes": [3], "batch_size": 2, "q": "0.2"}, "q must be a finite float"),
         ({"task_sizes": [3], "batch_size": 2, "rank": 2, "world_size": 2}, "rank"),
         ({"task_sizes": [3], "batch_size": 2, "task_order": "sorted"}, "task_order"),
         ({"task_sizes": [3], "batch_size": 2, "num_batches": 0}, "num_batches"),
@@ -154,3 +156,58 @@ def test_state_dict_of_other_sampler_is_rejected() -> None:
         sampler.load_state_dict(TaskBatchSampler([3, 5], 2).state_dict())
     with pytest.raises(ValueError, match="MultiTaskBatchSampler"):
         sampler.load_state_dict(MultiTaskBatchSampler([3, 4], 2).state_dict())
+
+
+def test_large_q_does_not_overflow() -> None:
+    p = task_probabilities([10, 1000, 1000, 0], 400.0)
+    torch.testing.assert_close(p, torch.tensor([0.0, 0.5, 0.5, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(
+        task_probabilities([10, 20], 1.0), torch.tensor([1 / 3, 2 / 3], dtype=torch.float64)
+    )
+
+
+def _tampered(state: dict[str, object], key: str, value: object) -> dict[str, object]:
+    return {**state, key: value}
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("batches_in_epoch", -1, "batches_in_epoch"),
+        ("batches_in_epoch", 99, "num_batches"),
+        ("batches_in_epoch", 2.0, "batches_in_epoch"),
+        ("block_left", -1, "block_left"),
+        ("block_left", 9, "steps_per_task"),
+        ("block_task", 5, "does not fit"),
+        ("positions", [0, 99], r"positions'\]\[1\]"),
+        ("positions", [0], "list of 2"),
+        ("permutations", [torch.arange(3), torch.arange(5) + 1], "permutation of range"),
+        ("permutations", [torch.arange(3), torch.arange(5.0)], "long tensor"),
+        ("generator", torch.zeros(3, dtype=torch.uint8), "generator state"),
+        ("task_sizes", [3, 6], "task_sizes"),
+        ("block_task", KeyError, "lacks"),
+    ],
+)
+def test_tampered_state_is_refused_and_changes_nothing(key: str, value: object, match: str) -> None:
+    sampler = TaskBatchSampler([3, 5], 2, seed=1, num_batches=6, steps_per_task=2)
+    donor = TaskBatchSampler([3, 5], 2, seed=2, num_batches=6, steps_per_task=2)
+    list(itertools.islice(iter(sampler), 3))
+    list(itertools.islice(iter(donor), 4))
+    before = sampler.state_dict()
+    state = donor.state_dict()
+    state = (
+        {k: v for k, v in state.items() if k != key}
+        if value is KeyError
+        else _tampered(state, key, value)
+    )
+    with pytest.raises((ValueError, TypeError), match=match):
+        sampler.load_state_dict(state)
+    after = sampler.state_dict()
+    assert after.keys() == before.keys()
+    for k in before:
+        if isinstance(before[k], torch.Tensor):
+            assert torch.equal(before[k], after[k]), k
+        elif k == "permutations":
+            assert all(torch.equal(a, b) for a, b in zip(before[k], after[k])), k
+        else:
+            assert before[k] == after[k], k

@@ -13,7 +13,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -33,12 +33,20 @@ def _check_sizes(task_sizes: Sequence[int]) -> list[int]:
 
 
 def task_probabilities(task_sizes: Sequence[int], q: float) -> Tensor:
-    """p_t = N_t^q / sum_s N_s^q in float64 (q=1: proportional, q=0: uniform); empty tasks get 0."""
+    """p_t = N_t^q / sum_s N_s^q in float64 (q=1: proportional, q=0: uniform); empty tasks get 0.
+
+    Computed as a softmax of q·log N_t, so that no q overflows (q = 400 puts all the mass on
+    the largest tasks, as the limit does).
+    """
     sizes = _check_sizes(task_sizes)
-    if isinstance(q, bool) or not isinstance(q, (int, float)) or not math.isfinite(q):
+    if isinstance(q, bool) or not isinstance(q, (int, float)):
+        raise TypeError(f"q must be a finite float, got {type(q).__name__}")
+    if not math.isfinite(q):
         raise ValueError(f"q must be a finite float, got {q!r}")
-    weights = torch.tensor([float(n) ** q if n > 0 else 0.0 for n in sizes], dtype=torch.float64)
-    return weights / weights.sum()
+    logits = torch.tensor(
+        [q * math.log(n) if n > 0 else -math.inf for n in sizes], dtype=torch.float64
+    )
+    return torch.softmax(logits, dim=0)
 
 
 class _TaskSampler(Sampler[list[int]]):
@@ -56,8 +64,8 @@ class _TaskSampler(Sampler[list[int]]):
     ) -> None:
         self.task_sizes = _check_sizes(task_sizes)
         self.batch_size = check_int("batch_size", batch_size, 1)
-        self.q = float(q)
         self.probabilities = task_probabilities(self.task_sizes, q)
+        self.q = float(q)
         self.seed = check_int("seed", seed, 0)
         self.world_size = check_int("world_size", world_size, 1)
         self.rank = check_int("rank", rank, 0)
@@ -127,20 +135,65 @@ class _TaskSampler(Sampler[list[int]]):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("sampler") != type(self).__name__:
+        """Restore a :meth:`state_dict`; everything is checked first, so a refused state
+        (``TypeError``/``ValueError``) leaves the sampler unchanged."""
+        self._prepare_load(state_dict)()
+
+    def _prepare_load(self, state_dict: dict[str, Any]) -> Callable[[], None]:
+        """Validate ``state_dict``; return the function that commits it."""
+        if not isinstance(state_dict, dict) or state_dict.get("sampler") != type(self).__name__:
+            kind = state_dict.get("sampler") if isinstance(state_dict, dict) else state_dict
             raise ValueError(
-                f"state_dict was saved by {state_dict.get('sampler')!r}, "
-                f"expected one of {type(self).__name__}"
+                f"state_dict was saved by {kind!r}, expected one of {type(self).__name__}"
             )
+        missing = {"task_sizes", "generator", "permutations", "positions", "batches_in_epoch"}
+        missing -= set(state_dict)
+        if missing:
+            raise ValueError(f"state_dict lacks {sorted(missing)}")
         if list(state_dict["task_sizes"]) != self.task_sizes:
             raise ValueError(
                 f"state_dict is for task_sizes {state_dict['task_sizes']}, "
                 f"this sampler has {self.task_sizes}"
             )
-        self.generator.set_state(state_dict["generator"])
-        self.permutations = [p.clone() for p in state_dict["permutations"]]
-        self.positions = [int(p) for p in state_dict["positions"]]
-        self.batches_in_epoch = int(state_dict["batches_in_epoch"])
+        generator = state_dict["generator"]
+        try:
+            torch.Generator().set_state(generator)
+        except (TypeError, RuntimeError) as error:
+            raise ValueError(
+                f"state_dict['generator'] is not a generator state: {error}"
+            ) from error
+        permutations, positions = state_dict["permutations"], state_dict["positions"]
+        count = len(self.task_sizes)
+        if not isinstance(permutations, list) or len(permutations) != count:
+            raise ValueError(f"state_dict['permutations'] must be a list of {count} tensors")
+        if not isinstance(positions, list) or len(positions) != count:
+            raise ValueError(f"state_dict['positions'] must be a list of {count} ints")
+        for t, (perm, position, size) in enumerate(zip(permutations, positions, self.task_sizes)):
+            if not isinstance(perm, Tensor) or perm.dtype != torch.long or perm.dim() != 1:
+                raise ValueError(f"state_dict['permutations'][{t}] must be a 1-d long tensor")
+            if perm.numel() and not torch.equal(perm.sort().values, torch.arange(size)):
+                raise ValueError(
+                    f"state_dict['permutations'][{t}] must be a permutation of range({size})"
+                )
+            check_int(f"state_dict['positions'][{t}]", position, 0)
+            if position > perm.numel():
+                raise ValueError(
+                    f"state_dict['positions'][{t}] must be at most {perm.numel()}, got {position}"
+                )
+        done = check_int("state_dict['batches_in_epoch']", state_dict["batches_in_epoch"], 0)
+        if done > self.num_batches:
+            raise ValueError(
+                f"state_dict['batches_in_epoch'] must be at most num_batches={self.num_batches}"
+                f", got {done} (a state of a sampler with other batch settings?)"
+            )
+
+        def commit() -> None:
+            self.generator.set_state(generator)
+            self.permutations = [p.clone() for p in permutations]
+            self.positions = list(positions)
+            self.batches_in_epoch = done
+
+        return commit
 
 
 class TaskBatchSampler(_TaskSampler):
@@ -207,10 +260,25 @@ class TaskBatchSampler(_TaskSampler):
             "block_left": self.block_left,
         }
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.block_task = int(state_dict["block_task"])
-        self.block_left = int(state_dict["block_left"])
+    def _prepare_load(self, state_dict: dict[str, Any]) -> Callable[[], None]:
+        commit_streams = super()._prepare_load(state_dict)
+        if "block_task" not in state_dict or "block_left" not in state_dict:
+            raise ValueError("state_dict lacks ['block_left', 'block_task']")
+        task = check_int("state_dict['block_task']", state_dict["block_task"], -1)
+        left = check_int("state_dict['block_left']", state_dict["block_left"], 0)
+        if task >= len(self.task_sizes) or left > self.steps_per_task or (left and task < 0):
+            raise ValueError(
+                f"state_dict's block (task {task}, {left} batches left) does not fit "
+                f"{len(self.task_sizes)} tasks and steps_per_task={self.steps_per_task}"
+            )
+        if left and self.task_sizes[task] == 0:
+            raise ValueError(f"state_dict['block_task'] is {task}, an empty task")
+
+        def commit() -> None:
+            commit_streams()
+            self.block_task, self.block_left = task, left
+
+        return commit
 
 
 class MultiTaskBatchSampler(_TaskSampler):
