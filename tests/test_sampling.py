@@ -166,48 +166,99 @@ def test_large_q_does_not_overflow() -> None:
     )
 
 
-def _tampered(state: dict[str, object], key: str, value: object) -> dict[str, object]:
-    return {**state, key: value}
-
-
 @pytest.mark.parametrize(
     "key, value, match",
     [
+        ("epoch", -1, "epoch"),
+        ("epoch", 1.5, "epoch"),
         ("batches_in_epoch", -1, "batches_in_epoch"),
         ("batches_in_epoch", 99, "num_batches"),
         ("batches_in_epoch", 2.0, "batches_in_epoch"),
-        ("block_left", -1, "block_left"),
-        ("block_left", 9, "steps_per_task"),
-        ("block_task", 5, "does not fit"),
-        ("positions", [0, 99], r"positions'\]\[1\]"),
-        ("positions", [0], "list of 2"),
-        ("permutations", [torch.arange(3), torch.arange(5) + 1], "permutation of range"),
-        ("permutations", [torch.arange(3), torch.arange(5.0)], "long tensor"),
-        ("generator", torch.zeros(3, dtype=torch.uint8), "generator state"),
-        ("task_sizes", [3, 6], "task_sizes"),
-        ("block_task", KeyError, "lacks"),
+        ("settings", {"batch_size": 4}, "other sampler settings"),
+        ("seed", 7, "seed"),
+        ("batch_size", 3, "batch_size"),
+        ("num_batches", 5, "num_batches"),
+        ("steps_per_task", 1, "steps_per_task"),
+        ("epoch", KeyError, "lacks"),
+        ("sampler", "MultiTaskBatchSampler", "MultiTaskBatchSampler"),
     ],
 )
 def test_tampered_state_is_refused_and_changes_nothing(key: str, value: object, match: str) -> None:
-    sampler = TaskBatchSampler([3, 5], 2, seed=1, num_batches=6, steps_per_task=2)
-    donor = TaskBatchSampler([3, 5], 2, seed=2, num_batches=6, steps_per_task=2)
+    def make(**changes: object) -> TaskBatchSampler:
+        kwargs = {"seed": 1, "num_batches": 6, "steps_per_task": 2, **changes}
+        return TaskBatchSampler([3, 5], 2, **kwargs)  # type: ignore[arg-type]
+
+    sampler = make()
     list(itertools.islice(iter(sampler), 3))
-    list(itertools.islice(iter(donor), 4))
     before = sampler.state_dict()
-    state = donor.state_dict()
-    state = (
-        {k: v for k, v in state.items() if k != key}
-        if value is KeyError
-        else _tampered(state, key, value)
-    )
+    settings_keys = {"seed", "batch_size", "num_batches", "steps_per_task"}
+    if key in settings_keys:  # a state saved by a sampler with other settings
+        donor = (
+            make(**{key: value})
+            if key != "batch_size"
+            else TaskBatchSampler([3, 5], 3, seed=1, num_batches=6, steps_per_task=2)
+        )
+        state = donor.state_dict()
+    else:
+        donor = make()
+        list(itertools.islice(iter(donor), 4))
+        state = donor.state_dict()
+        if value is KeyError:
+            del state[key]
+        else:
+            state[key] = value
     with pytest.raises((ValueError, TypeError), match=match):
         sampler.load_state_dict(state)
-    after = sampler.state_dict()
-    assert after.keys() == before.keys()
-    for k in before:
-        if isinstance(before[k], torch.Tensor):
-            assert torch.equal(before[k], after[k]), k
-        elif k == "permutations":
-            assert all(torch.equal(a, b) for a, b in zip(before[k], after[k])), k
-        else:
-            assert before[k] == after[k], k
+    assert sampler.state_dict() == before
+    assert list(sampler) == list(itertools.islice(iter(make_resumed(before)), 3))
+
+
+def make_resumed(state: dict[str, object]) -> TaskBatchSampler:
+    sampler = TaskBatchSampler([3, 5], 2, seed=1, num_batches=6, steps_per_task=2)
+    sampler.load_state_dict(state)
+    return sampler
+
+
+def test_set_epoch_seeds_each_pass() -> None:
+    a = TaskBatchSampler(SIZES, 7, seed=5, num_batches=10)
+    epochs = [list(a) for _ in range(3)]
+    b = TaskBatchSampler(SIZES, 7, seed=5, num_batches=10)
+    b.set_epoch(2)
+    assert list(b) == epochs[2]  # any epoch, directly, without replaying the others
+    b.set_epoch(0)
+    assert list(b) == epochs[0] and epochs[0] != epochs[1]
+    assert b.state_dict()["epoch"] == 0
+    c = TaskBatchSampler(SIZES, 7, seed=5, num_batches=10)
+    list(itertools.islice(iter(c), 4))
+    c.set_epoch(0)  # the pass in progress: set_epoch keeps its position
+    assert list(c) == epochs[0][4:]
+
+
+def test_cyclic_blocks_run_on_across_passes() -> None:
+    """Reptile's schedule (K batches of each task in turn) must not restart every epoch."""
+    sampler = TaskBatchSampler([6, 6, 6], 2, task_order="cyclic", steps_per_task=2, num_batches=5)
+    tasks = [sampler.task_of(b[0]) for _ in range(3) for b in sampler]
+    assert tasks == [(i // 2) % 3 for i in range(15)]
+
+
+@pytest.mark.parametrize("uneven", ["pad", "drop"])
+@pytest.mark.parametrize("world_size", [2, 3, 5, 8])
+def test_ranks_get_equal_non_empty_disjoint_shares(world_size: int, uneven: str) -> None:
+    sizes = [1, 3, 7, 10, 64]  # smaller than, not divisible by, and larger than the ranks
+    samplers = [
+        TaskBatchSampler(sizes, 4, q=0.0, seed=2, num_batches=40, rank=r, world_size=world_size,
+                         uneven=uneven)
+        for r in range(world_size)
+    ]  # fmt: skip
+    passes = [list(s) for s in samplers]
+    for step in range(40):
+        batches = [p[step] for p in passes]
+        tasks = {samplers[0].task_of(i) for b in batches for i in b}
+        assert len(tasks) == 1  # every rank drew the same task
+        task = tasks.pop()
+        assert len({len(b) for b in batches}) == 1 and len(batches[0]) > 0
+        if uneven == "drop" or sizes[task] >= 4 * world_size:
+            flat = [i for b in batches for i in b]
+            assert len(flat) == len(set(flat))  # disjoint
+        if uneven == "drop":
+            assert sizes[task] >= world_size

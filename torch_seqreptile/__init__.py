@@ -3,7 +3,12 @@
 from torch_seqreptile import surgery
 from torch_seqreptile.recadam import RecAdam
 from torch_seqreptile.reptile import Reptile
-from torch_seqreptile.sampling import MultiTaskBatchSampler, TaskBatchSampler, task_probabilities
+from torch_seqreptile.sampling import (
+    MultiTaskBatchSampler,
+    TaskBatchSampler,
+    task_of,
+    task_probabilities,
+)
 from torch_seqreptile.seqreptile import SeqReptile
 
 __version__ = "0.2.0.dev0"
@@ -15,5 +20,6 @@ __all__ = [
     "SeqReptile",
     "TaskBatchSampler",
     "surgery",
+    "task_of",
     "task_probabilities",
 ]

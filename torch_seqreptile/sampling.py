@@ -1,11 +1,12 @@
 """Task sampling: p_t proportional to N_t^q (Lee et al., 2022, Sec. 3.1, Eq. 5).
 
 Both samplers are ``torch.utils.data.Sampler`` s of index lists into a ``ConcatDataset`` of
-the task datasets, for ``DataLoader(..., batch_sampler=...)``. Within a task, examples are
-drawn without replacement, one shuffled pass (epoch) after another. Each ``__iter__``
-yields ``len(sampler)`` batches and continues the same seeded stream; ``state_dict`` /
-``load_state_dict`` resume it exactly. With ``world_size > 1`` every rank draws the same
-tasks and a disjoint share of the examples.
+the task datasets, for ``DataLoader(..., batch_sampler=...)``. Every ``__iter__`` is one
+full pass (epoch) of ``len(sampler)`` batches, seeded by ``(seed, epoch)`` (``set_epoch``,
+or the next epoch after a complete pass); within a pass a task's examples are drawn without
+replacement. ``state_dict`` is ``(epoch, batches taken)`` and resumes exactly, also under
+torchdata's ``StatefulDataLoader`` with worker processes. With ``world_size > 1`` every rank
+draws the same tasks and an equal, non-empty, disjoint share of the examples.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Sampler
@@ -49,8 +51,27 @@ def task_probabilities(task_sizes: Sequence[int], q: float) -> Tensor:
     return torch.softmax(logits, dim=0)
 
 
+def _generator(*words: int) -> torch.Generator:
+    """A CPU generator seeded from the words (e.g. seed, purpose, epoch) by NumPy's
+    ``SeedSequence``, so that nearby words give unrelated streams."""
+    high, low = np.random.SeedSequence(list(words)).generate_state(2).tolist()
+    return torch.Generator().manual_seed((high << 32) | low)
+
+
+#: purposes of the derived generators (first word after the seed)
+_TASK_DRAWS, _SHUFFLES = 0, 1
+
+
 class _TaskSampler(Sampler[list[int]]):
-    """Seeded per-task shuffling, rank sharding and resumable state shared by both samplers."""
+    """Epoch-seeded passes, rank sharding and resumable state shared by both samplers.
+
+    Pass ``e`` (``set_epoch(e)``, or the next epoch after a complete pass) is a function of
+    ``(seed, e)`` alone; the tasks of global step ``g = e * len(self) + i`` are a function of
+    ``(seed, g)``, so schedules that span passes (Reptile's cyclic blocks) run on. A pass is
+    complete once its ``len(self)`` batches were taken, even if the consumer never asks for
+    one more. The state is ``(epoch, batches_in_epoch)``; a resumed pass regenerates the
+    skipped batches' indices (no data is loaded).
+    """
 
     def __init__(
         self,
@@ -61,139 +82,164 @@ class _TaskSampler(Sampler[list[int]]):
         num_batches: int | None,
         rank: int,
         world_size: int,
+        uneven: str,
     ) -> None:
         self.task_sizes = _check_sizes(task_sizes)
         self.batch_size = check_int("batch_size", batch_size, 1)
-        self.probabilities = task_probabilities(self.task_sizes, q)
-        self.q = float(q)
-        self.seed = check_int("seed", seed, 0)
         self.world_size = check_int("world_size", world_size, 1)
         self.rank = check_int("rank", rank, 0)
         if self.rank >= self.world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        if uneven not in ("pad", "drop"):
+            raise ValueError(f"uneven must be 'pad' or 'drop', got {uneven!r}")
+        self.uneven = uneven
+        usable = list(self.task_sizes)
+        if uneven == "drop":  # a task too small to give every rank an example is not drawn
+            usable = [n if n >= self.world_size else 0 for n in usable]
+            if sum(usable) == 0:
+                raise ValueError(
+                    f"uneven='drop' leaves no task with at least world_size={world_size} "
+                    f"examples: task_sizes {self.task_sizes}"
+                )
+        self.probabilities = task_probabilities(usable, q)
+        self.q = float(q)
+        self.seed = check_int("seed", seed, 0)
         self.offsets = [0, *itertools.accumulate(self.task_sizes)]
         if num_batches is None:
             num_batches = max(1, sum(self.task_sizes) // (self.batch_size * self.world_size))
         self.num_batches = check_int("num_batches", num_batches, 1)
-        self.generator = torch.Generator().manual_seed(self.seed)
-        self.permutations: list[Tensor] = [torch.empty(0, dtype=torch.long)] * len(self.task_sizes)
-        self.positions = [0] * len(self.task_sizes)
-        self.batches_in_epoch = 0  # batches of the current __iter__ pass already yielded
+        self.epoch = 0
+        self.batches_in_epoch = 0  # batches of pass ``epoch`` already taken
 
     def __len__(self) -> int:
         return self.num_batches
 
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next ``iter()`` pass ``epoch`` (from its start, unless it is the pass in
+        progress), as ``DistributedSampler.set_epoch`` does."""
+        epoch = check_int("epoch", epoch, 0)
+        if epoch != self.epoch:
+            self.epoch, self.batches_in_epoch = epoch, 0
+
     def task_of(self, index: int) -> int:
         """The task of a ``ConcatDataset`` index."""
-        if not 0 <= index < self.offsets[-1]:
-            raise ValueError(f"index must be in [0, {self.offsets[-1]}), got {index}")
-        return bisect.bisect_right(self.offsets, index) - 1
-
-    def _take(self, task: int) -> list[int]:
-        """This rank's share of the next global batch of ``task`` (without replacement)."""
-        wanted = min(self.batch_size * self.world_size, self.task_sizes[task])
-        if self.positions[task] + wanted > len(self.permutations[task]):
-            self.permutations[task] = torch.randperm(
-                self.task_sizes[task], generator=self.generator
-            )
-            self.positions[task] = 0
-        start = self.positions[task]
-        self.positions[task] += wanted
-        chosen = self.permutations[task][start : start + wanted][self.rank :: self.world_size]
-        return (chosen + self.offsets[task]).tolist()
-
-    def _next_batch(self) -> list[int]:
-        raise NotImplementedError
+        return task_of(self.offsets, index)
 
     def __iter__(self) -> Iterator[list[int]]:
-        """The rest of the current pass of ``len(self)`` batches (all of it unless resumed).
+        """Pass ``epoch``: its ``len(self)`` batches, or those left of it after a resume."""
+        if self.batches_in_epoch >= self.num_batches:  # the last pass was taken in full
+            self.epoch, self.batches_in_epoch = self.epoch + 1, 0
+        epoch, skip = self.epoch, self.batches_in_epoch
+        shuffles = _Shuffles(self, epoch)
+        first = epoch * self.num_batches
+        for i in range(self.num_batches):
+            batch = [
+                index for task in self._tasks_of_step(first + i) for index in shuffles.take(task)
+            ]
+            if i < skip:
+                continue
+            if (self.epoch, self.batches_in_epoch) != (epoch, i):
+                return  # set_epoch or load_state_dict during the pass: it ends here
+            self.batches_in_epoch = i + 1
+            yield batch
 
-        A pass whose ``len(self)`` batches were all taken is complete even if the consumer
-        stopped without asking for one more (Lightning, ``zip(range(len(loader)), loader)``).
-        """
-        if self.batches_in_epoch >= self.num_batches:
-            self.batches_in_epoch = 0
-        while self.batches_in_epoch < self.num_batches:
-            self.batches_in_epoch += 1
-            yield self._next_batch()
-        self.batches_in_epoch = 0
+    def _tasks_of_step(self, step: int) -> list[int]:
+        raise NotImplementedError
 
-    def _draw_tasks(self, count: int) -> list[int]:
-        drawn = torch.multinomial(
-            self.probabilities, count, replacement=False, generator=self.generator
-        )
+    def _draw_tasks(self, count: int, generator: torch.Generator) -> list[int]:
+        drawn = torch.multinomial(self.probabilities, count, replacement=False, generator=generator)
         return drawn.tolist()
+
+    def _settings(self) -> dict[str, Any]:
+        """What the state means: a state of other settings is refused."""
+        return {
+            "task_sizes": list(self.task_sizes),
+            "batch_size": self.batch_size,
+            "num_batches": self.num_batches,
+            "q": self.q,
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "uneven": self.uneven,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "sampler": type(self).__name__,
-            "task_sizes": list(self.task_sizes),
-            "generator": self.generator.get_state(),
-            "permutations": list(self.permutations),
-            "positions": list(self.positions),
+            "settings": self._settings(),
+            "epoch": self.epoch,
             "batches_in_epoch": self.batches_in_epoch,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; everything is checked first, so a refused state
         (``TypeError``/``ValueError``) leaves the sampler unchanged."""
-        self._prepare_load(state_dict)()
-
-    def _prepare_load(self, state_dict: dict[str, Any]) -> Callable[[], None]:
-        """Validate ``state_dict``; return the function that commits it."""
         if not isinstance(state_dict, dict) or state_dict.get("sampler") != type(self).__name__:
             kind = state_dict.get("sampler") if isinstance(state_dict, dict) else state_dict
             raise ValueError(
                 f"state_dict was saved by {kind!r}, expected one of {type(self).__name__}"
             )
-        missing = {"task_sizes", "generator", "permutations", "positions", "batches_in_epoch"}
-        missing -= set(state_dict)
+        missing = {"settings", "epoch", "batches_in_epoch"} - set(state_dict)
         if missing:
             raise ValueError(f"state_dict lacks {sorted(missing)}")
-        if list(state_dict["task_sizes"]) != self.task_sizes:
-            raise ValueError(
-                f"state_dict is for task_sizes {state_dict['task_sizes']}, "
-                f"this sampler has {self.task_sizes}"
+        settings = state_dict["settings"]
+        if settings != self._settings():
+            mine = self._settings()
+            differ = sorted(
+                k for k in mine if not isinstance(settings, dict) or settings.get(k) != mine[k]
             )
-        generator = state_dict["generator"]
-        try:
-            torch.Generator().set_state(generator)
-        except (TypeError, RuntimeError) as error:
             raise ValueError(
-                f"state_dict['generator'] is not a generator state: {error}"
-            ) from error
-        permutations, positions = state_dict["permutations"], state_dict["positions"]
-        count = len(self.task_sizes)
-        if not isinstance(permutations, list) or len(permutations) != count:
-            raise ValueError(f"state_dict['permutations'] must be a list of {count} tensors")
-        if not isinstance(positions, list) or len(positions) != count:
-            raise ValueError(f"state_dict['positions'] must be a list of {count} ints")
-        for t, (perm, position, size) in enumerate(zip(permutations, positions, self.task_sizes)):
-            if not isinstance(perm, Tensor) or perm.dtype != torch.long or perm.dim() != 1:
-                raise ValueError(f"state_dict['permutations'][{t}] must be a 1-d long tensor")
-            if perm.numel() and not torch.equal(perm.sort().values, torch.arange(size)):
-                raise ValueError(
-                    f"state_dict['permutations'][{t}] must be a permutation of range({size})"
-                )
-            check_int(f"state_dict['positions'][{t}]", position, 0)
-            if position > perm.numel():
-                raise ValueError(
-                    f"state_dict['positions'][{t}] must be at most {perm.numel()}, got {position}"
-                )
+                f"state_dict is for other sampler settings ({', '.join(differ)}): saved "
+                f"{settings}, this sampler has {mine}"
+            )
+        epoch = check_int("state_dict['epoch']", state_dict["epoch"], 0)
         done = check_int("state_dict['batches_in_epoch']", state_dict["batches_in_epoch"], 0)
         if done > self.num_batches:
             raise ValueError(
                 f"state_dict['batches_in_epoch'] must be at most num_batches={self.num_batches}"
-                f", got {done} (a state of a sampler with other batch settings?)"
+                f", got {done}"
             )
+        self.epoch, self.batches_in_epoch = epoch, done
 
-        def commit() -> None:
-            self.generator.set_state(generator)
-            self.permutations = [p.clone() for p in permutations]
-            self.positions = list(positions)
-            self.batches_in_epoch = done
 
-        return commit
+class _Shuffles:
+    """The per-task example orders of one pass: shuffles without replacement, each drawn
+    from the pass's own generator when the previous one runs out (its tail too short for a
+    batch is dropped), and this rank's share of each global batch."""
+
+    def __init__(self, sampler: _TaskSampler, epoch: int) -> None:
+        self.sampler = sampler
+        self.generator = _generator(sampler.seed, _SHUFFLES, epoch)
+        count = len(sampler.task_sizes)
+        self.orders: list[Tensor] = [torch.empty(0, dtype=torch.long)] * count
+        self.positions = [0] * count
+
+    def take(self, task: int) -> list[int]:
+        """This rank's share of the next global batch of ``task``: ``batch_size`` examples
+        per rank, or the whole task split evenly when it is smaller (``uneven="pad"``
+        repeats examples so that every rank gets the same non-zero count, ``"drop"`` leaves
+        the remainder out)."""
+        s = self.sampler
+        size, ranks = s.task_sizes[task], s.world_size
+        wanted = min(s.batch_size * ranks, size)
+        per_rank = -(-wanted // ranks) if s.uneven == "pad" else wanted // ranks
+        if self.positions[task] + wanted > len(self.orders[task]):
+            self.orders[task] = torch.randperm(size, generator=self.generator)
+            self.positions[task] = 0
+        start = self.positions[task]
+        self.positions[task] += wanted
+        chosen = self.orders[task][start : start + wanted]
+        if per_rank * ranks > wanted:  # pad: wrap around this batch's own examples
+            chosen = chosen.repeat(-(-per_rank * ranks // wanted))[: per_rank * ranks]
+        share = chosen[: per_rank * ranks][s.rank :: ranks]
+        return (share + s.offsets[task]).tolist()
+
+
+def task_of(offsets: Sequence[int], index: int) -> int:
+    """The task of ``index`` into a concatenation whose task ``t`` starts at ``offsets[t]``
+    (``offsets[-1]`` is the total size)."""
+    if not 0 <= index < offsets[-1]:
+        raise ValueError(f"index must be in [0, {offsets[-1]}), got {index}")
+    return bisect.bisect_right(offsets, index) - 1
 
 
 class TaskBatchSampler(_TaskSampler):
@@ -204,12 +250,19 @@ class TaskBatchSampler(_TaskSampler):
         batch_size: examples per batch (per rank).
         q: exponent of p_t ∝ N_t^q (paper: 1/5); 1 is proportional, 0 uniform.
         seed: seed of the task draws and the shuffles; all ranks must use the same one.
-        num_batches: batches per ``__iter__`` pass (default: sum(N) // (batch_size·world_size)).
-            A pass resumed from ``state_dict`` yields only the batches it had left.
+        num_batches: batches per pass (epoch); default sum(N) // (batch_size·world_size).
         task_order: ``"random"`` (Sequential Reptile: i.i.d. tasks) or ``"cyclic"`` (tasks
             0, 1, ..., T-1 in turn, skipping empty ones: the order :class:`Reptile` needs).
         steps_per_task: consecutive batches from each drawn task (``inner_steps`` for Reptile).
-        rank, world_size: this process's share of each batch under ``torch.distributed``.
+            Blocks count global steps, so they run on across passes.
+        rank, world_size: this process's share of each batch under ``torch.distributed``:
+            every rank draws the same task and a disjoint share of its examples.
+        uneven: a task with fewer than ``batch_size·world_size`` examples: ``"pad"``
+            (default) gives every rank the same number, ceil(N_t / world_size), repeating
+            examples of the batch where needed (as ``DistributedSampler`` pads);
+            ``"drop"`` gives every rank floor(N_t / world_size) and never draws a task with
+            fewer than ``world_size`` examples. Either way all ranks get equal, non-empty
+            batches.
     """
 
     def __init__(
@@ -224,61 +277,27 @@ class TaskBatchSampler(_TaskSampler):
         steps_per_task: int = 1,
         rank: int = 0,
         world_size: int = 1,
+        uneven: str = "pad",
     ) -> None:
-        super().__init__(task_sizes, batch_size, q, seed, num_batches, rank, world_size)
         if task_order not in ("random", "cyclic"):
             raise ValueError(f"task_order must be 'random' or 'cyclic', got {task_order!r}")
         self.task_order = task_order
         self.steps_per_task = check_int("steps_per_task", steps_per_task, 1)
-        self.block_task = -1  # task of the current block of steps_per_task batches
-        self.block_left = 0
+        super().__init__(task_sizes, batch_size, q, seed, num_batches, rank, world_size, uneven)
+        self._cycle = [t for t, p in enumerate(self.probabilities.tolist()) if p > 0]
 
-    def _next_task(self) -> int:
-        if self.block_left == 0:
-            if self.task_order == "random":
-                self.block_task = self._draw_tasks(1)[0]
-            else:
-                self.block_task = next(
-                    t
-                    for t in itertools.chain(
-                        range(self.block_task + 1, len(self.task_sizes)),
-                        range(len(self.task_sizes)),
-                    )
-                    if self.task_sizes[t] > 0
-                )
-            self.block_left = self.steps_per_task
-        self.block_left -= 1
-        return self.block_task
+    def _tasks_of_step(self, step: int) -> list[int]:
+        block = step // self.steps_per_task
+        if self.task_order == "cyclic":
+            return [self._cycle[block % len(self._cycle)]]
+        return self._draw_tasks(1, _generator(self.seed, _TASK_DRAWS, block))
 
-    def _next_batch(self) -> list[int]:
-        return self._take(self._next_task())
-
-    def state_dict(self) -> dict[str, Any]:
+    def _settings(self) -> dict[str, Any]:
         return {
-            **super().state_dict(),
-            "block_task": self.block_task,
-            "block_left": self.block_left,
+            **super()._settings(),
+            "task_order": self.task_order,
+            "steps_per_task": self.steps_per_task,
         }
-
-    def _prepare_load(self, state_dict: dict[str, Any]) -> Callable[[], None]:
-        commit_streams = super()._prepare_load(state_dict)
-        if "block_task" not in state_dict or "block_left" not in state_dict:
-            raise ValueError("state_dict lacks ['block_left', 'block_task']")
-        task = check_int("state_dict['block_task']", state_dict["block_task"], -1)
-        left = check_int("state_dict['block_left']", state_dict["block_left"], 0)
-        if task >= len(self.task_sizes) or left > self.steps_per_task or (left and task < 0):
-            raise ValueError(
-                f"state_dict's block (task {task}, {left} batches left) does not fit "
-                f"{len(self.task_sizes)} tasks and steps_per_task={self.steps_per_task}"
-            )
-        if left and self.task_sizes[task] == 0:
-            raise ValueError(f"state_dict['block_task'] is {task}, an empty task")
-
-        def commit() -> None:
-            commit_streams()
-            self.block_task, self.block_left = task, left
-
-        return commit
 
 
 class MultiTaskBatchSampler(_TaskSampler):
@@ -301,11 +320,15 @@ class MultiTaskBatchSampler(_TaskSampler):
         num_batches: int | None = None,
         rank: int = 0,
         world_size: int = 1,
+        uneven: str = "pad",
     ) -> None:
-        super().__init__(task_sizes, batch_size, q, seed, num_batches, rank, world_size)
-        nonempty = sum(1 for n in self.task_sizes if n > 0)
-        self.tasks_per_step = min(check_int("tasks_per_step", tasks_per_step, 1), nonempty)
+        super().__init__(task_sizes, batch_size, q, seed, num_batches, rank, world_size, uneven)
+        drawable = int((self.probabilities > 0).sum())
+        self.tasks_per_step = min(check_int("tasks_per_step", tasks_per_step, 1), drawable)
 
-    def _next_batch(self) -> list[int]:
-        tasks = sorted(self._draw_tasks(self.tasks_per_step))
-        return [index for task in tasks for index in self._take(task)]
+    def _tasks_of_step(self, step: int) -> list[int]:
+        generator = _generator(self.seed, _TASK_DRAWS, step)
+        return sorted(self._draw_tasks(self.tasks_per_step, generator))
+
+    def _settings(self) -> dict[str, Any]:
+        return {**super()._settings(), "tasks_per_step": self.tasks_per_step}

@@ -43,6 +43,7 @@ from torch_seqreptile import (
     SeqReptile,
     TaskBatchSampler,
     surgery,
+    task_of,
 )
 
 METHODS = [
@@ -303,7 +304,7 @@ class Batcher:
     def split(self, indices: list[int]) -> dict[int, list[int]]:
         out: dict[int, list[int]] = {}
         for index in indices:
-            task = next(t for t in range(len(self.train)) if index < self.offsets[t + 1])
+            task = task_of(self.offsets, index)
             out.setdefault(task, []).append(index - self.offsets[task])
         return out
 

@@ -1,8 +1,8 @@
 """What :class:`SeqReptileTrainer` and :class:`SurgeryTrainer` share: :class:`TaskSamplingTrainer`.
 
-One process, batches from the method's task sampler (replayed on resume by
-:class:`~torch_seqreptile.integrations._hf_common.EpochTaskBatchSampler`), and the Trainer's
-optimizer wrapped once in the method's optimizer.
+One process, batches from the method's task sampler (the Trainer's ``set_epoch`` and
+``skip_first_batches`` put it where an interrupted run was), and the Trainer's optimizer
+wrapped once in the method's optimizer.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 from torch.utils.data import ConcatDataset, DataLoader
 
 from torch_seqreptile._validation import check_int
-from torch_seqreptile.integrations._hf_common import EpochTaskBatchSampler, find_wrapped
+from torch_seqreptile.integrations._hf_common import find_wrapped
 from torch_seqreptile.integrations._hf_deps import Trainer
 from torch_seqreptile.integrations._hf_probes import ProbeCallback
 from torch_seqreptile.sampling import MultiTaskBatchSampler, TaskBatchSampler
@@ -26,8 +26,9 @@ __all__ = ["TaskSamplingTrainer"]
 
 class TaskSamplingTrainer(Trainer):  # type: ignore[misc]
     """What :class:`SeqReptileTrainer` and :class:`SurgeryTrainer` share: one process, a
-    task sampler over the training set (replayed on resume by :class:`EpochTaskBatchSampler`)
-    and the Trainer's optimizer wrapped once in the method's wrapper.
+    task sampler over the training set (epoch-seeded: on resume the Trainer's ``set_epoch``
+    and ``skip_first_batches`` put it where the interrupted run was) and the Trainer's
+    optimizer wrapped once in the method's wrapper.
 
     Subclasses implement :meth:`_make_sampler` and :meth:`_wrap_optimizer`, set
     ``_wrapper_kind`` and may override :meth:`_wrap_dataset` / :meth:`_wrap_collator`.
@@ -55,7 +56,7 @@ class TaskSamplingTrainer(Trainer):  # type: ignore[misc]
         self.q = q
         self.sampler_seed = sampler_seed
         self.num_batches = None if num_batches is None else check_int("num_batches", num_batches, 1)
-        self.train_batch_sampler: EpochTaskBatchSampler | None = None
+        self.train_batch_sampler: TaskBatchSampler | MultiTaskBatchSampler | None = None
         self._wrapper: Optimizer | None = None
         for callback in self.callback_handler.callbacks:  # probes log through this trainer
             if isinstance(callback, ProbeCallback) and callback.trainer is None:
@@ -126,7 +127,7 @@ class TaskSamplingTrainer(Trainer):  # type: ignore[misc]
         if seed is None:
             seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         sampler = self._make_sampler(sizes, self._train_batch_size, seed, num_batches)
-        self.train_batch_sampler = EpochTaskBatchSampler(sampler)
+        self.train_batch_sampler = sampler
         collator = self.data_collator
         try:
             import datasets

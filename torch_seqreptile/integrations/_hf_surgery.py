@@ -9,7 +9,6 @@ every checkpoint's ``optimizer.pt``.
 
 from __future__ import annotations
 
-import bisect
 import itertools
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any, cast
@@ -23,7 +22,7 @@ from torch.utils.data import Dataset
 from torch_seqreptile._validation import check_int
 from torch_seqreptile.integrations._hf_base import TaskSamplingTrainer
 from torch_seqreptile.integrations._hf_common import find_surgery_optimizer
-from torch_seqreptile.sampling import MultiTaskBatchSampler
+from torch_seqreptile.sampling import MultiTaskBatchSampler, task_of
 from torch_seqreptile.surgery import MTL, GradientCombiner, GradNorm, GradVac
 
 __all__ = ["SurgeryTrainer", "per_example_cross_entropy"]
@@ -40,7 +39,7 @@ class _TaskTagged(Dataset[tuple[int, Any]]):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> tuple[int, Any]:
-        return bisect.bisect_right(self.offsets, index) - 1, self.dataset[index]
+        return task_of(self.offsets, index), self.dataset[index]
 
 
 class _TaskTaggingCollator:

@@ -40,8 +40,7 @@ This module is the public import path; the code lives in one private module per 
 
 * ``_hf_deps``: the ``transformers`` import (a missing install raises ``ImportError`` saying
   what to install);
-* ``_hf_common``: :func:`find_slow_optimizer`, :func:`find_surgery_optimizer`,
-  :class:`EpochTaskBatchSampler`;
+* ``_hf_common``: :func:`find_slow_optimizer`, :func:`find_surgery_optimizer`;
 * ``_hf_base``: the trainer both trainers derive from (one process, the task sampler, the
   data loader, wrapping the optimizer once);
 * ``_hf_seqreptile``: :class:`SeqReptileTrainer` and its checkpoint files;
@@ -52,17 +51,12 @@ This module is the public import path; the code lives in one private module per 
 
 from __future__ import annotations
 
-from torch_seqreptile.integrations._hf_common import (
-    EpochTaskBatchSampler,
-    find_slow_optimizer,
-    find_surgery_optimizer,
-)
+from torch_seqreptile.integrations._hf_common import find_slow_optimizer, find_surgery_optimizer
 from torch_seqreptile.integrations._hf_probes import ProbeCallback
 from torch_seqreptile.integrations._hf_seqreptile import SeqReptileTrainer
 from torch_seqreptile.integrations._hf_surgery import SurgeryTrainer, per_example_cross_entropy
 
 __all__ = [
-    "EpochTaskBatchSampler",
     "ProbeCallback",
     "SeqReptileTrainer",
     "SurgeryTrainer",
