@@ -229,3 +229,39 @@ def test_task_batch_sampler_gives_full_epochs_under_lightning(tmp_path: Path) ->
     expected = TaskBatchSampler(SIZES, BATCH, seed=3, num_batches=BATCHES)
     tasks = [sampler.task_of(b[0]) for _ in range(EPOCHS) for b in expected]
     assert [task for task, _ in module.tasks] == tasks
+
+
+def test_mid_epoch_resume_with_stateful_dataloader_and_workers(tmp_path: Path) -> None:
+    """Lightning saves a ``StatefulDataLoader``'s state in its checkpoints: with
+    ``TaskBatchSampler`` and worker processes a run resumed mid-epoch ends where the
+    uninterrupted run does, weights and slow weights bit for bit."""
+    stateful = pytest.importorskip("torchdata.stateful_dataloader")
+
+    def loader_() -> Any:
+        sampler = TaskBatchSampler(SIZES, BATCH, seed=3, num_batches=BATCHES)
+        return stateful.StatefulDataLoader(dataset(), batch_sampler=sampler, num_workers=2)
+
+    def run(root: Path, max_steps: int, ckpt_path: str | None = None, **kw: Any) -> TaskNet:
+        module = TaskNet(OPTIMIZERS["seqreptile"][0])
+        trainer = L.Trainer(
+            max_epochs=EPOCHS, max_steps=max_steps, accelerator="cpu", devices=1, logger=False,
+            enable_progress_bar=False, enable_model_summary=False, default_root_dir=root, **kw,
+        )  # fmt: skip
+        trainer.fit(module, loader_(), ckpt_path=ckpt_path)
+        return module
+
+    full = run(tmp_path / "full", -1, enable_checkpointing=False)
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", every_n_train_steps=BATCHES + 3, save_top_k=-1
+    )  # a checkpoint taken inside epoch 2, at the end of its third batch
+    run(tmp_path / "first", BATCHES + 3, callbacks=[checkpoint])
+    path = next((tmp_path / "ckpt").glob(f"*step={BATCHES + 3}*.ckpt"))
+    resumed = run(tmp_path / "resumed", -1, ckpt_path=str(path), enable_checkpointing=False)
+    assert len(full.steps) == EPOCHS * BATCHES and len(resumed.steps) == EPOCHS * BATCHES - (
+        BATCHES + 3
+    )
+    assert [t for t, _ in resumed.tasks] == [t for t, _ in full.tasks][BATCHES + 3 :]
+    assert equal(
+        [p.detach() for p in resumed.parameters()], [p.detach() for p in full.parameters()]
+    )
+    assert equal(resumed.phi, full.phi)
