@@ -175,6 +175,7 @@ def test_large_q_does_not_overflow() -> None:
         ("batches_in_epoch", 99, "num_batches"),
         ("batches_in_epoch", 2.0, "batches_in_epoch"),
         ("settings", {"batch_size": 4}, "other sampler settings"),
+        ("settings", "same but 2.0", "other sampler settings"),
         ("seed", 7, "seed"),
         ("batch_size", 3, "batch_size"),
         ("num_batches", 5, "num_batches"),
@@ -205,6 +206,8 @@ def test_tampered_state_is_refused_and_changes_nothing(key: str, value: object, 
         state = donor.state_dict()
         if value is KeyError:
             del state[key]
+        elif value == "same but 2.0":  # equal numbers of another type are not the same
+            state["settings"] = {**state["settings"], "batch_size": 2.0}
         else:
             state[key] = value
     with pytest.raises((ValueError, TypeError), match=match):
@@ -227,6 +230,8 @@ def test_set_epoch_seeds_each_pass() -> None:
     assert list(b) == epochs[2]  # any epoch, directly, without replaying the others
     b.set_epoch(0)
     assert list(b) == epochs[0] and epochs[0] != epochs[1]
+    b.set_epoch(0)  # again, after that pass was taken in full: the same pass again
+    assert list(b) == epochs[0]
     assert b.state_dict()["epoch"] == 0
     c = TaskBatchSampler(SIZES, 7, seed=5, num_batches=10)
     list(itertools.islice(iter(c), 4))

@@ -86,3 +86,42 @@ def test_bad_arguments_name_themselves() -> None:
         task_stream(streams(), SIZES, 0)
     with pytest.raises(ValueError, match="rank"):
         task_stream(streams(), SIZES, 4, rank=2, world_size=2)
+
+
+@pytest.mark.parametrize(
+    "short, ranks",
+    [([1], 1), ([], 1), (list(range(3)), 3)],  # 1 < batch, empty, one example a rank
+)
+def test_a_task_that_cannot_fill_a_batch_raises_instead_of_ending(
+    short: list[int], ranks: int
+) -> None:
+    """torchdata's sampler would end every stream, silently, on one rank only."""
+    for rank in range(ranks):
+        loader = task_stream([short, list(range(100, 130))], [5, 30], 2, q=0.0, seed=1,
+                             rank=rank, world_size=ranks)  # fmt: skip
+        with pytest.raises(ValueError, match=r"streams\[0\].*no full batch"):
+            take(loader, 40)
+
+
+def test_unequal_shards_stay_in_step() -> None:
+    """25 examples on 3 ranks: each rank gets ceil(25 / 3) = 9 a pass (one padded), so the
+    ranks' passes, batch sizes and tasks stay aligned."""
+    sizes = [25, 40]
+    runs = [
+        take(task_stream([list(range(25)), list(range(100, 140))], sizes, 3, seed=2, rank=r,
+                         world_size=3), 60)
+        for r in range(3)
+    ]  # fmt: skip
+    for step in range(60):
+        assert len({run[step][0] for run in runs}) == 1
+        assert len({len(run[step][1]) for run in runs}) == 1
+    seen = {e for run in runs for task, batch in run if task == 0 for e in batch}
+    assert seen == set(range(25))  # no example is lost to the sharding
+
+
+def test_state_of_other_arguments_is_refused() -> None:
+    loader = task_stream(streams(), SIZES, 4, seed=3)
+    take(loader, 3)
+    other = task_stream(streams(), SIZES, 3, seed=3)
+    with pytest.raises(ValueError, match="other arguments"):
+        other.load_state_dict(loader.state_dict())

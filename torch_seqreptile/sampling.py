@@ -115,10 +115,11 @@ class _TaskSampler(Sampler[list[int]]):
         return self.num_batches
 
     def set_epoch(self, epoch: int) -> None:
-        """Make the next ``iter()`` pass ``epoch`` (from its start, unless it is the pass in
-        progress), as ``DistributedSampler.set_epoch`` does."""
+        """Make the next ``iter()`` pass ``epoch``, as ``DistributedSampler.set_epoch`` does:
+        from its start, unless it is the pass in progress (then from where it is, so that a
+        resumed run keeps its position)."""
         epoch = check_int("epoch", epoch, 0)
-        if epoch != self.epoch:
+        if epoch != self.epoch or self.batches_in_epoch >= self.num_batches:
             self.epoch, self.batches_in_epoch = epoch, 0
 
     def task_of(self, index: int) -> int:
@@ -182,7 +183,11 @@ class _TaskSampler(Sampler[list[int]]):
         if missing:
             raise ValueError(f"state_dict lacks {sorted(missing)}")
         settings = state_dict["settings"]
-        if settings != self._settings():
+        same = isinstance(settings, dict) and settings.keys() == self._settings().keys()
+        same = same and all(
+            type(settings[k]) is type(v) and settings[k] == v for k, v in self._settings().items()
+        )
+        if not same:
             mine = self._settings()
             differ = sorted(
                 k for k in mine if not isinstance(settings, dict) or settings.get(k) != mine[k]
