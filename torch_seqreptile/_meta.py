@@ -25,6 +25,18 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _ARGUMENT_OF = {"outer_nesterov": "nesterov"}
 
 
+_NOT_A_TENSOR = "must be a floating-point tensor"
+
+
+def _state_tensor_problem(value: Any, param: Tensor) -> str | None:
+    """What makes ``value`` unfit as phi (or an outer buffer) of ``param``, or ``None``."""
+    if not isinstance(value, Tensor) or not (value.is_floating_point() or value.is_complex()):
+        return _NOT_A_TENSOR
+    if value.shape != param.shape:
+        return f"must have its parameter's shape {tuple(param.shape)}, got {tuple(value.shape)}"
+    return None
+
+
 def _keys_of_all_wrappers() -> set[str]:
     """Every group and state key of SlowWeightsOptimizer and its subclasses."""
     keys: set[str] = set()
@@ -225,12 +237,10 @@ class SlowWeightsOptimizer(OptimizerWrapper):
         return [p for p in (self.params() if params is None else params) if self._is_tracked(p)]
 
     def _check_own_state(self, param: Tensor, key: str, value: Any) -> None:
-        if not isinstance(value, Tensor) or not (value.is_floating_point() or value.is_complex()):
-            raise TypeError(f"state[p][{key!r}] must be a floating-point tensor")
-        if value.shape != param.shape:
-            raise ValueError(
-                f"state[p][{key!r}] must have its parameter's shape {tuple(param.shape)}, "
-                f"got {tuple(value.shape)}"
+        problem = _state_tensor_problem(value, param)
+        if problem is not None:
+            raise (TypeError if problem == _NOT_A_TENSOR else ValueError)(
+                f"state[p][{key!r}] {problem}"
             )
 
     def _state_changed(self) -> None:
@@ -265,9 +275,13 @@ class SlowWeightsOptimizer(OptimizerWrapper):
             if param.grad is None:
                 still_untracked.append((param, group_index))
                 continue
-            slow = clone_to(param, self.slow_device, self._slow_dtype(param))
-            self._own_state[param] = self._new_state(param, slow, groups[group_index])
+            self._track(param, groups[group_index])
         self._untracked = still_untracked
+
+    def _track(self, param: Tensor, group: dict[str, Any]) -> None:
+        """Give ``param`` its slow copy phi = its value now (and the rest of its state)."""
+        slow = clone_to(param, self.slow_device, self._slow_dtype(param))
+        self._own_state[param] = self._new_state(param, slow, group)
 
     def _check_finite_grads(self) -> None:
         """One host-device synchronisation per device: all gradients finite, or raise."""
@@ -305,7 +319,8 @@ class SlowWeightsOptimizer(OptimizerWrapper):
             elif OUTER_BUFFER in entry:
                 buffers.append(entry[OUTER_BUFFER])
             else:  # momentum switched on during training
-                buffers.append(entry.setdefault(OUTER_BUFFER, torch.zeros_like(s)))
+                entry[OUTER_BUFFER] = torch.zeros_like(s)
+                buffers.append(entry[OUTER_BUFFER])
         # FSDP2 (DTensor) parameters: update the local shards, which share one sharding.
         outer_update_(
             [local_tensor(t) for t in slow],
@@ -347,8 +362,7 @@ class SlowWeightsOptimizer(OptimizerWrapper):
         return int(self.param_groups[0]["trajectory_step"])
 
     def _own_state_dict(self, packed: dict[str, Any]) -> None:
-        ids = [i for group in packed["param_groups"] for i in group["params"]]
-        id_of = {id(p): i for p, i in zip(self.params(), ids)}
+        id_of = {id(p): i for i, p in saved_id_map(packed, self.param_groups).items()}
         for param, entry in self._own_state.items():
             if not entry:  # an empty entry left by a read of the defaultdict
                 continue
@@ -433,15 +447,9 @@ class SlowWeightsOptimizer(OptimizerWrapper):
             raise ValueError(f"{where} has {sorted(entry)} but lacks {sorted(missing)}")
         loaded = {}
         for key, value in entry.items():
-            if not isinstance(value, Tensor) or not (
-                value.is_floating_point() or value.is_complex()
-            ):
-                raise ValueError(f"{where}[{key!r}] must be a floating-point tensor")
-            if value.shape != param.shape:
-                raise ValueError(
-                    f"{where}[{key!r}] has shape {tuple(value.shape)}, its parameter "
-                    f"{tuple(param.shape)}"
-                )
+            problem = _state_tensor_problem(value, param)
+            if problem is not None:
+                raise ValueError(f"{where}[{key!r}] {problem}")
             device = self.slow_device or param.device
             loaded[key] = clone_to(value, device, self._slow_dtype(param))
         return loaded

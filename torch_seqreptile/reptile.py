@@ -10,7 +10,6 @@ from torch.optim import Optimizer
 
 from torch_seqreptile._meta import SLOW_WEIGHT, SlowWeightsOptimizer
 from torch_seqreptile._validation import check_bool, check_int
-from torch_seqreptile._wrapper import clone_to
 from torch_seqreptile.distributed import all_reduce_sum_, group_rank_and_size, local_tensor
 
 #: key of a parameter's sum of trajectory end points in ``state[p]``
@@ -239,11 +238,10 @@ class Reptile(SlowWeightsOptimizer):
         for index in flags[:-1].nonzero().flatten().tolist():
             param = params[index]
             if not self._is_tracked(param):
-                slow = clone_to(param, self.slow_device, self._slow_dtype(param))
-                self._own_state[param] = self._new_state(param, slow, group_of[index])
+                self._track(param, group_of[index])
         self._untracked = None
         all_reduce_sum_(
-            [self._own_state[p][ENDPOINT_SUM] for p in params if self._is_tracked(p)],
+            [self._own_state[p][ENDPOINT_SUM] for p in self._tracked(params)],
             self.process_group,
         )
         return int(flags[-1])
