@@ -27,15 +27,19 @@ class ParamState(MutableMapping[str, Any]):
         self._view, self._param = view, param
         self._detached: dict[str, Any] = dict(data or {})
 
+    def _owner(self, key: str) -> Store:
+        """The state (the wrapper's or the inner optimizer's) that holds ``key``."""
+        assert self._view is not None
+        return self._view.own if key in self._view.own_keys else self._view.inner
+
     def _store(self, key: str, create: bool) -> dict[str, Any]:
         if self._view is None:
             return self._detached
-        view = self._view
-        store = view.own if key in view.own_keys else view.inner
+        owner = self._owner(key)
         if create:
-            entry: dict[str, Any] = store.setdefault(self._param, {})
+            entry: dict[str, Any] = owner.setdefault(self._param, {})
             return entry
-        return store.get(self._param, {})  # type: ignore[no-any-return]
+        return owner.get(self._param, {})  # type: ignore[no-any-return]
 
     def __getitem__(self, key: str) -> Any:
         return self._store(key, create=False)[key]
@@ -52,8 +56,7 @@ class ParamState(MutableMapping[str, Any]):
         del store[key]
         if self._view is not None:
             if not store:
-                owner = self._view.own if key in self._view.own_keys else self._view.inner
-                owner.pop(self._param, None)
+                self._owner(key).pop(self._param, None)
             self._view.changed()
 
     def __iter__(self) -> Iterator[str]:
