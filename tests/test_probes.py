@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from tests.helpers import batch, make_model
-from torch_seqreptile.probes import TaskGradientProbe, _bert_mask, l2_distance, masked_lm_loss
+from torch_seqreptile.probes import TaskGradientProbe, l2_distance, masked_lm_loss
+from torch_seqreptile.probes.forgetting import _bert_mask
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -133,22 +136,144 @@ def test_sketch_error_within_documented_bound() -> None:
         assert torch.equal(sketch.cosine.diagonal(), torch.ones(num_tasks, dtype=torch.float64))
 
 
-def test_sketch_is_seeded_and_unbiased_on_average() -> None:
-    numel = 50_000
-    vectors = correlated_vectors(3, numel, rho=0.5, seed=1)
-    model = Dot(numel)
-    losses = [(lambda v=v: (model.w * v).sum()) for v in vectors]
-    exact = TaskGradientProbe(model, [model.w])(losses).mean_cosine
-    runs = [
-        TaskGradientProbe(model, [model.w], mode="sketch", sketch_dim=256, seed=s)(losses)
-        for s in range(40)
+class Linear2(nn.Module):
+    """loss_t = <w, u_t> + <v, z_t>: two parameters, gradients exactly (u_t, z_t)."""
+
+    def __init__(self, sizes: tuple[int, int], dtypes: tuple[torch.dtype, torch.dtype]) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(sizes[0], dtype=dtypes[0]))
+        self.v = nn.Parameter(torch.zeros(sizes[1], dtype=dtypes[1]))
+
+
+def linear_losses(
+    model: Linear2, grads: list[tuple[torch.Tensor, torch.Tensor]]
+) -> list[Callable[[], torch.Tensor]]:
+    return [lambda u=u, z=z: (model.w * u).sum() + (model.v * z).sum() for u, z in grads]
+
+
+def test_sketch_is_unbiased_over_seeds() -> None:
+    """The mean over sketch seeds of each sketched cosine is the exact cosine.
+
+    m = 32, so one run is off by about (1 - C^2)/sqrt(32), up to 0.18; the mean of 300 seeds
+    by about 0.01 (plus the ratio estimator's O(1/m) bias). The vectors are built so that
+    a flawed CountSketch would be biased: task 0 is (a, b) and task 1 is (b, a) chunk-wise,
+    with a and b independent, so their cosine is about 0, while a sketch that hashed both
+    chunks (or parameters) alike would give 1; tasks 2 and 3 have a mean of 1/2 per
+    coordinate, which a sketch without random signs would add up across coordinates.
+    """
+    g = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randn(400, generator=g, dtype=torch.float64) for _ in range(3))
+    scale = torch.exp(torch.randn(400, generator=g, dtype=torch.float64))
+    model = Linear2((800, 400), (torch.float64, torch.float64))
+    grads = [
+        (torch.cat([a, b]), c),
+        (torch.cat([b, a]), c * scale),
+        (torch.cat([a + c, -b]) + 0.5, a - c + 0.5),
+        (torch.cat([c, b]) + 0.5, a * scale + 0.5),
     ]
-    again = TaskGradientProbe(model, [model.w], mode="sketch", sketch_dim=256, seed=0)(losses)
-    assert torch.equal(again.cosine, runs[0].cosine)
-    assert not torch.equal(runs[0].cosine, runs[1].cosine)
-    average = sum(r.mean_cosine for r in runs) / len(runs)
-    # one run's sd is about (1 - 0.25)/16 = 0.047; the average of 40 is about 0.0075
-    assert abs(average - exact) < 0.03
+    losses = linear_losses(model, grads)
+    exact = TaskGradientProbe(model)(losses).cosine
+    runs = torch.stack(
+        [
+            TaskGradientProbe(model, mode="sketch", sketch_dim=32, seed=s, chunk_size=400)(
+                losses
+            ).cosine
+            for s in range(300)
+        ]
+    )
+    assert float(runs.std(dim=0).max()) > 0.05  # the seeds do give different projections
+    torch.testing.assert_close(runs.mean(dim=0), exact, rtol=0, atol=0.05)
+
+
+def test_sketch_is_reproducible_and_one_projection_for_all_tasks() -> None:
+    g = torch.Generator().manual_seed(1)
+    model = Linear2((3000, 500), (torch.float32, torch.float64))
+    u, z = torch.randn(3000, generator=g), torch.randn(500, generator=g, dtype=torch.float64)
+    other = (torch.randn(3000, generator=g), torch.randn(500, generator=g, dtype=torch.float64))
+    # the same gradient twice, scaled, negated, and an unrelated one
+    losses = linear_losses(model, [(u, z), (u, z), (2 * u, 2 * z), (-u, -z), other])
+
+    def sketch(seed: int) -> torch.Tensor:
+        probe = TaskGradientProbe(model, mode="sketch", sketch_dim=64, seed=seed, chunk_size=700)
+        return probe(losses).cosine
+
+    first = sketch(5)
+    assert torch.equal(first, sketch(5))  # same seed, new probe, new call: same numbers
+    assert not torch.equal(first, sketch(6))
+    # same S for every task: the sketches of g, g, 2g and -g are collinear
+    torch.testing.assert_close(first[:4, :4].abs(), torch.ones(4, 4, dtype=torch.float64))
+    assert float(first[0, 3]) == pytest.approx(-1.0)
+    assert abs(float(first[0, 4])) < 0.9
+
+
+def test_exact_equals_float64_gramian_of_flat_gradients_in_blocks() -> None:
+    """float32 and float64 parameters, a budget that cuts both: G = F F^T in float64.
+
+    T = 2 tasks: a budget of 128 bytes holds both tasks' gradients on 16 float32 or 8
+    float64 coordinates, so w (40 float32) is cut into 16 + 16 + 8 coordinates, the third
+    block (64 bytes used) takes 4 of v's 10 float64 coordinates and a fourth block the
+    other 6: 4 blocks, 8 backward passes.
+    """
+    g = torch.Generator().manual_seed(2)
+    model = Linear2((40, 10), (torch.float32, torch.float64))
+    grads = [
+        (torch.randn(40, generator=g) * 1e3, torch.randn(10, generator=g, dtype=torch.float64))
+        for _ in range(2)
+    ]
+    flat = torch.stack([torch.cat([u.double(), z]) for u, z in grads])
+    reference = flat @ flat.T
+    for budget, blocks in [(None, 1), (128, 4)]:
+        result = TaskGradientProbe(model, max_memory_bytes=budget)(linear_losses(model, grads))
+        assert result.passes == 2 * blocks
+        gram = result.cosine * result.norms[:, None] * result.norms[None, :]
+        torch.testing.assert_close(result.norms**2, reference.diagonal(), rtol=1e-12, atol=0)
+        torch.testing.assert_close(gram, reference, rtol=1e-12, atol=0)
+
+
+def test_exact_blocks_of_any_budget_give_the_same_gramian() -> None:
+    """Many parameters and tasks, budgets from one coordinate to all: same Gramian."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 3))
+    xs = [torch.randn(4, 7) for _ in range(4)]
+    losses = [lambda x=x: model(x).square().sum() for x in xs]
+    params = list(model.parameters())
+    flat = torch.stack(
+        [torch.cat([gr.reshape(-1) for gr in torch.autograd.grad(f(), params)]) for f in losses]
+    ).double()
+    reference = flat @ flat.T
+    numel = flat.shape[1]
+    for per_block in (1, 6, 35, numel):
+        result = TaskGradientProbe(model, max_memory_bytes=4 * 4 * per_block)(losses)
+        assert result.passes == 4 * math.ceil(numel / per_block)
+        gram = result.cosine * result.norms[:, None] * result.norms[None, :]
+        torch.testing.assert_close(gram, reference, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["exact", "sketch"])
+def test_probe_restores_mixed_flags_also_on_error(mode: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.5), nn.Sequential(nn.Linear(6, 1)))
+    model.train()
+    model[1].eval()
+    model[2][0].eval()
+    flags = [m.training for m in model.modules()]
+    x = torch.randn(8, 4)
+    seen: list[bool] = []
+
+    def loss(t: int) -> torch.Tensor:
+        seen.append(model[0].training)
+        return (model(x + t) ** 2).mean()
+
+    def broken() -> torch.Tensor:
+        raise RuntimeError("loss failed")
+
+    probe = TaskGradientProbe(model, mode=mode, sketch_dim=16)
+    probe([lambda: loss(0), lambda: loss(1)])
+    assert seen == [False, False]  # eval mode inside the probe
+    assert [m.training for m in model.modules()] == flags
+    with pytest.raises(RuntimeError, match="loss failed"):
+        probe([lambda: loss(0), broken])
+    assert [m.training for m in model.modules()] == flags
 
 
 @pytest.mark.parametrize("mode", ["exact", "sketch"])
@@ -268,12 +393,12 @@ def test_l2_distance_matches_direct() -> None:
 
 
 def test_bert_masking_rates() -> None:
-    generator = torch.Generator().manual_seed(0)
+    rng = np.random.default_rng(0)
     n = 200_000
     ids = [5 + (i % 90) for i in range(n)]
     special = [1 if i % 10 == 0 else 0 for i in range(n)]
     inputs, labels = _bert_mask(
-        ids, special, mask_prob=0.15, mask_token_id=1, vocab_size=100, generator=generator
+        ids, special, mask_prob=0.15, mask_token_id=1, vocab_size=100, rng=rng
     )
     chosen = [i for i, lab in enumerate(labels) if lab != -100]
     assert all(special[i] == 0 for i in chosen)
@@ -285,7 +410,7 @@ def test_bert_masking_rates() -> None:
     assert all(inputs[i] == ids[i] for i in range(n) if labels[i] == -100)
     # a short sentence always gets one scored token
     _, labels = _bert_mask(
-        [7, 8, 9], [1, 0, 1], mask_prob=1e-9, mask_token_id=1, vocab_size=100, generator=generator
+        [7, 8, 9], [1, 0, 1], mask_prob=1e-9, mask_token_id=1, vocab_size=100, rng=rng
     )
     assert labels == [-100, 8, -100]
 
@@ -346,17 +471,17 @@ def test_masked_lm_loss_equals_model_loss_on_same_masks(tmp_path: object) -> Non
     model, tokenizer = tiny_mlm(tmp_path)
     ours = masked_lm_loss(model, tokenizer, SENTENCES, seed=0, batch_size=len(SENTENCES))
     enc = tokenizer(SENTENCES, return_special_tokens_mask=True)
-    generator = torch.Generator()
     rows, labels = [], []
     for n, (ids, special) in enumerate(zip(enc["input_ids"], enc["special_tokens_mask"])):
-        generator.manual_seed(n)
+        # documented: sentence n's masks come from PCG64 on SeedSequence(seed, spawn_key=(n,))
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(0, spawn_key=(n,))))
         r, lab = _bert_mask(
             ids,
             special,
             mask_prob=0.15,
             mask_token_id=tokenizer.mask_token_id,
             vocab_size=len(tokenizer),
-            generator=generator,
+            rng=rng,
         )
         rows.append(r)
         labels.append(lab)
@@ -368,3 +493,56 @@ def test_masked_lm_loss_equals_model_loss_on_same_masks(tmp_path: object) -> Non
     with torch.no_grad():
         theirs = float(model(input_ids=input_ids, attention_mask=attention, labels=target).loss)
     assert ours == pytest.approx(theirs, rel=1e-5)
+
+
+class WordTokenizer:
+    """Just enough of a Hugging Face tokenizer for masked_lm_loss: [CLS] words [SEP]."""
+
+    pad_token_id, mask_token_id = 0, 1
+
+    def __init__(self, words: list[str]) -> None:
+        self.ids = {w: 4 + i for i, w in enumerate(words)}
+
+    def __len__(self) -> int:
+        return 4 + len(self.ids)
+
+    def __call__(self, texts: list[str], **_: object) -> dict[str, list[list[int]]]:
+        ids = [[2, *(self.ids[w] for w in text.split()), 3] for text in texts]
+        return {
+            "input_ids": ids,
+            "special_tokens_mask": [[1, *([0] * (len(row) - 2)), 1] for row in ids],
+        }
+
+
+class TinyMLM(nn.Module):
+    """Embedding, dropout and a vocabulary head; records its training flag when called."""
+
+    def __init__(self, vocab_size: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, 8)
+        self.drop = nn.Dropout(0.5)
+        self.head = nn.Linear(8, vocab_size)
+        self.fail = False
+        self.seen: list[bool] = []
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor]:
+        self.seen.append(self.training)
+        if self.fail:
+            raise RuntimeError("forward failed")
+        return (self.head(self.drop(self.embed(input_ids))),)
+
+
+def test_masked_lm_loss_restores_mixed_flags_also_on_error() -> None:
+    tokenizer = WordTokenizer(sorted({w for s in SENTENCES for w in s.split()}))
+    torch.manual_seed(0)
+    model = TinyMLM(len(tokenizer))
+    model.train()
+    model.drop.eval()
+    flags = [m.training for m in model.modules()]
+    loss = masked_lm_loss(model, tokenizer, SENTENCES, batch_size=2)
+    assert math.isfinite(loss) and model.seen == [False, False, False]  # eval inside
+    assert [m.training for m in model.modules()] == flags
+    model.fail = True
+    with pytest.raises(RuntimeError, match="forward failed"):
+        masked_lm_loss(model, tokenizer, SENTENCES)
+    assert [m.training for m in model.modules()] == flags

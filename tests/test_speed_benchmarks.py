@@ -19,17 +19,18 @@ def test_core_speed_report(tmp_path: Path) -> None:
 
 
 def test_surgery_speed_report(tmp_path: Path) -> None:
+    """Ours and the peers (test dependencies, so all of them here) in one report."""
     bench_surgery.main(["--rounds", "1", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "surgery_speed.json").read_text())
     assert report["step_time_ratio_vs_mtl"]["MTL"] == 1.0
+    assert report["peers_not_installed"] == []
     assert set(report["step_time_ratio_vs_mtl"]) == {
-        "MTL",
-        "PCGrad",
-        "GradVac",
-        "GradNorm",
-        "CAGrad",
-        "MGDA",
+        *("MTL", "PCGrad", "GradVac", "GradNorm", "CAGrad", "MGDA"),
+        *("torchjd PCGrad", "torchjd GradVac", "torchjd MGDA", "torchjd CAGrad"),
+        "pytorch_optimizer PCGrad",
     }
+    memory = report["peak_extra_memory_in_shared_param_sizes"]
+    assert memory["PCGrad"] < memory["torchjd PCGrad"]  # the Gramian path's point
 
 
 @pytest.mark.skipif(

@@ -128,6 +128,9 @@ class OptimizerWrapper(Optimizer):
         """
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        params = param_group.get("params")
+        if params is not None and not isinstance(params, (Tensor, set, list)):
+            param_group["params"] = list(params)  # a generator: the checks must not consume it
         defaults = {k: v for k, v in self.defaults.items() if v is not required}
         candidate = {**defaults, **param_group}
         self._check_group(candidate, f"param_groups[{len(self.param_groups)}]")

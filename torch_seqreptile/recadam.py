@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -20,6 +21,19 @@ def anneal_lambda(step: float, k: float, t0: float) -> float:
         return 1.0 / (1.0 + math.exp(-x))
     e = math.exp(x)
     return e / (1.0 + e)
+
+
+def _warn_if_unstable(group: dict[str, Any], where: str) -> None:
+    """Warn if the penalty's first step ``lr * gamma * (1 - λ(1))`` leaves (0, 2)."""
+    factor = group["lr"] * group["gamma"] * (1.0 - anneal_lambda(1.0, group["k"], group["t0"]))
+    if factor >= 2.0:
+        warnings.warn(
+            f"RecAdam {where}: lr * gamma * (1 - lambda(1)) = {factor:.3g} >= 2, so the recall "
+            "penalty diverges (theta - theta* grows by a factor |1 - lr*gamma*(1-lambda)| per "
+            "step); lower lr or gamma (the authors use lr 2e-5 with gamma 5000)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 class RecAdam(Optimizer):
@@ -42,7 +56,16 @@ class RecAdam(Optimizer):
 
     (each line uses the θ of the line before; ε is added to √v before bias correction, as in
     the authors' code, which differs from ``torch.optim.AdamW``). With ``gamma=0`` and
-    λ ≡ 1 it is Adam. The update is stable only while ``lr * (1 - λ) * gamma < 2``.
+    λ ≡ 1 it is Adam.
+
+    **Stability.** The penalty line multiplies :math:`\theta - \theta^*` by
+    :math:`1 - \mathrm{lr}\,(1-\lambda(t))\,\gamma`, so it converges only while
+    :math:`\mathrm{lr}\,(1-\lambda(t))\,\gamma < 2`; the largest :math:`1-\lambda` is at
+    the first step. A group whose ``lr * gamma * (1 - λ(1))`` is 2 or more (the weights would
+    oscillate around θ* with a growing amplitude) raises a ``RuntimeWarning`` at construction
+    and in ``add_param_group``; a scheduler that raises ``lr`` later is not checked. The
+    defaults are the authors' (their GLUE script: lr 2e-5, γ = 5000, k = 0.5, t0 = 250), for
+    which ``lr * gamma`` = 0.1.
 
     The pretrained weights θ* are copied from the parameters at construction (or taken from
     ``pretrained``) and kept in ``state[p]["pretrained"]``, so they are in ``state_dict``
@@ -51,7 +74,7 @@ class RecAdam(Optimizer):
 
     Args:
         params: parameters or parameter groups, as for any ``torch.optim.Optimizer``.
-        lr: learning rate, in [0, inf).
+        lr: learning rate, in [0, inf) (default 2e-5, the authors' BERT-base learning rate).
         betas: Adam's coefficients, each in [0, 1).
         eps: in [0, inf) (authors' default 1e-6).
         weight_decay: decoupled weight decay, in [0, inf).
@@ -70,7 +93,7 @@ class RecAdam(Optimizer):
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
+        lr: float = 2e-5,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-6,
         weight_decay: float = 0.0,
@@ -120,6 +143,7 @@ class RecAdam(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; its pretrained weights are the parameters' values now."""
         super().add_param_group(param_group)
+        _warn_if_unstable(self.param_groups[-1], f"param_groups[{len(self.param_groups) - 1}]")
         if hasattr(self, "state"):
             for p in self.param_groups[-1]["params"]:
                 if "pretrained" not in self.state[p]:

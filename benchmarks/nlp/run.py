@@ -418,7 +418,8 @@ def make_optimizer(cfg: Config, model: TaskModel, num_tasks: int) -> Any:
     if cfg.method == "pcgrad":
         return surgery.PCGrad(inner, seed=cfg.seed)
     if cfg.method == "gradvac":
-        return surgery.GradVac(inner, num_tasks=num_tasks, seed=cfg.seed)
+        # one block per module (a Linear, a LayerNorm), as in the paper
+        return surgery.GradVac(inner, layers=model, num_tasks=num_tasks, seed=cfg.seed)
     if cfg.method == "gradnorm":
         # W: the last weight matrix of the encoder ("the last shared layer"); the head's
         # bias gets no gradient from a span loss (softmax is shift invariant).

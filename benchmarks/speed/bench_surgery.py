@@ -1,22 +1,29 @@
 """Step time of each surgery method relative to MTL (T = 8, small transformer encoder), and
-peak extra CPU memory of ``backward`` against a naive flatten-and-copy PCGrad.
+peak extra CPU memory of ``backward``, beside the same step with the peers' implementations:
+torchjd (``mtl_backward`` + ``jac_to_grad`` with its PCGrad, GradVac, MGDA, CAGrad
+aggregators), pytorch_optimizer's ``PCGrad`` and a naive flatten-and-copy PCGrad.
 
 Run: ``python benchmarks/speed/bench_surgery.py [--rounds N] [--threads N]``. Prints and
-writes ``benchmarks/results/surgery_speed.{json,md}``. Timings are medians over rounds that
-interleave the methods in one process. Memory is measured with the torch profiler's CPU
+writes ``benchmarks/results/surgery_speed.{json,md}``. Timings are medians of the thread CPU
+time (``time.thread_time``) and of the wall time over rounds that interleave every contender
+in one process (alternating the order). Memory is measured with the torch profiler's CPU
 allocation events (every allocation and free of torch's CPU allocator, with sizes): the
 peak of live bytes during the call minus the bytes live at its start, in units of the
-shared parameters' size.
+shared parameters' size. A peer that is not installed is left out (and named in the output).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,8 +43,12 @@ class Encoder(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.heads = nn.ModuleList(nn.Linear(dim, 3) for _ in range(tasks))
 
+    def features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The last shared representation (what torchjd's ``mtl_backward`` needs)."""
+        return self.encoder(self.embed(tokens)).mean(1)
+
     def forward(self, tokens: torch.Tensor, task: int) -> torch.Tensor:
-        return self.heads[task](self.encoder(self.embed(tokens)).mean(1))
+        return self.heads[task](self.features(tokens))
 
 
 def make(name: str, model: Encoder):
@@ -53,6 +64,82 @@ def make(name: str, model: Encoder):
         "CAGrad": lambda: CAGrad(inner, 0.4, num_tasks=TASKS),
         "MGDA": lambda: MGDA(inner, num_tasks=TASKS),
     }[name]()
+
+
+OURS = ["MTL", "PCGrad", "GradVac", "GradNorm", "CAGrad", "MGDA"]
+
+
+@dataclass
+class Contender:
+    """One implementation's step: ``backward(forward(model, data))``, then ``step()``."""
+
+    forward: Callable[[Encoder, Any], Any]
+    backward: Callable[[Any], None]
+    step: Callable[[], Any]
+    zero_grad: Callable[[], None]
+
+
+def ours(name: str, model: Encoder) -> Contender:
+    opt = make(name, model)
+    return Contender(losses_of, opt.backward, opt.step, opt.zero_grad)
+
+
+def torchjd_aggregators() -> dict[str, Callable[[], Any]]:
+    """torchjd's aggregators of the methods we also implement, with our hyperparameters."""
+    if importlib.util.find_spec("torchjd") is None:
+        return {}
+    from torchjd import aggregation
+
+    found: dict[str, Callable[[], Any]] = {
+        "torchjd PCGrad": aggregation.PCGrad,
+        "torchjd GradVac": lambda: aggregation.GradVac(beta=0.01),
+        "torchjd MGDA": aggregation.MGDA,
+    }
+    if importlib.util.find_spec("cvxpy") is not None:
+        found["torchjd CAGrad"] = lambda: aggregation.CAGrad(c=0.4)
+    return found
+
+
+def torchjd_contender(make_aggregator: Callable[[], Any], model: Encoder) -> Contender:
+    from torchjd.autojac import jac_to_grad, mtl_backward
+
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    aggregator = make_aggregator()
+    shared = [p for n, p in model.named_parameters() if not n.startswith("heads")]
+
+    def forward(m: Encoder, data) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        features = [m.features(x) for x, _ in data]
+        losses = [
+            nn.functional.cross_entropy(m.heads[t](f), y)
+            for t, (f, (_, y)) in enumerate(zip(features, data))
+        ]
+        return losses, features
+
+    def backward(outputs: tuple[list[torch.Tensor], list[torch.Tensor]]) -> None:
+        losses, features = outputs
+        mtl_backward(losses, features=features)
+        jac_to_grad(shared, aggregator)
+
+    return Contender(forward, backward, inner.step, inner.zero_grad)
+
+
+def pytorch_optimizer_contender(model: Encoder) -> Contender:
+    from pytorch_optimizer import PCGrad as PeerPCGrad
+
+    opt = PeerPCGrad(torch.optim.AdamW(model.parameters(), lr=1e-4), reduction="sum")
+    return Contender(losses_of, opt.pc_backward, opt.step, opt.zero_grad)
+
+
+def available() -> dict[str, Callable[[Encoder], Contender]]:
+    """Every contender whose library is installed: name -> build it on a model."""
+    out: dict[str, Callable[[Encoder], Contender]] = {
+        name: lambda m, n=name: ours(n, m) for name in OURS
+    }
+    for name, aggregator in torchjd_aggregators().items():
+        out[name] = lambda m, a=aggregator: torchjd_contender(a, m)
+    if importlib.util.find_spec("pytorch_optimizer") is not None:
+        out["pytorch_optimizer PCGrad"] = pytorch_optimizer_contender
+    return out
 
 
 def batches(step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -121,7 +208,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    names = ["MTL", "PCGrad", "GradVac", "GradNorm", "CAGrad", "MGDA"]
     torch.manual_seed(0)
     base = Encoder()
     shared_bytes = sum(
@@ -129,41 +215,59 @@ def main(argv: list[str] | None = None) -> None:
         for n, p in base.named_parameters()
         if not n.startswith("heads")
     )
-    setups = {}
-    for name in names:
+
+    def fresh() -> Encoder:
         model = Encoder()
         model.load_state_dict(base.state_dict())
-        setups[name] = (model, make(name, model))
+        return model
 
-    def one_step(name: str, step: int) -> float:
-        model, opt = setups[name]
+    builders = available()
+    names = list(builders)
+    setups = {}
+    for name in names:
+        model = fresh()
+        setups[name] = (model, builders[name](model))
+    missing = [
+        peer
+        for peer in ("torchjd", "cvxpy", "pytorch_optimizer")
+        if importlib.util.find_spec(peer) is None
+    ]
+
+    def one_step(name: str, step: int) -> tuple[float, float]:
+        model, contender = setups[name]
         data = batches(step)
-        start = time.perf_counter()
-        opt.zero_grad()
-        opt.backward(losses_of(model, data))
-        opt.step()
-        return time.perf_counter() - start
+        wall, cpu = time.perf_counter(), time.thread_time()
+        contender.zero_grad()
+        contender.backward(contender.forward(model, data))
+        contender.step()
+        return time.thread_time() - cpu, time.perf_counter() - wall
 
     for name in names:  # warm-up
         one_step(name, 0)
-    times: dict[str, list[float]] = {name: [] for name in names}
+    cpu_times: dict[str, list[float]] = {name: [] for name in names}
+    wall_times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(args.rounds):
         for name in names if r % 2 == 0 else reversed(names):
-            times[name].append(one_step(name, r + 1))
-    median = {name: statistics.median(v) for name, v in times.items()}
+            cpu, wall = one_step(name, r + 1)
+            cpu_times[name].append(cpu)
+            wall_times[name].append(wall)
+    median = {name: statistics.median(v) for name, v in cpu_times.items()}
+    median_wall = {name: statistics.median(v) for name, v in wall_times.items()}
 
     memory = {}
     for name in [*names, "naive PCGrad (flatten+copy)", "plain sum(losses).backward()"]:
-        model = Encoder()
-        model.load_state_dict(base.state_dict())
-        losses = losses_of(model, batches(99))
+        model = fresh()
+        data = batches(99)
         if name.startswith("naive"):
+            losses = losses_of(model, data)
             fn = lambda m=model, ls=losses: naive_pcgrad_backward(m, ls)  # noqa: E731
         elif name.startswith("plain"):
+            losses = losses_of(model, data)
             fn = lambda ls=losses: torch.stack(ls).sum().backward()  # noqa: E731
-        else:
-            opt = make(name, model)
-            fn = lambda o=opt, ls=losses: o.backward(ls)  # noqa: E731
+        else:  # the forward pass outside, as for the two above
+            contender = builders[name](model)
+            outputs = contender.forward(model, data)
+            fn = lambda c=contender, o=outputs: c.backward(o)  # noqa: E731
         memory[name] = peak_extra_bytes(fn) / shared_bytes
 
     result = {
@@ -174,19 +278,27 @@ def main(argv: list[str] | None = None) -> None:
         "tasks": TASKS,
         "shared_params": shared_bytes // 4,
         "rounds": args.rounds,
-        "step_seconds_median": median,
+        "peers_not_installed": missing,
+        "step_cpu_seconds_median": median,
+        "step_wall_seconds_median": median_wall,
         "step_time_ratio_vs_mtl": {n: median[n] / median["MTL"] for n in names},
         "peak_extra_memory_in_shared_param_sizes": memory,
     }
     lines = [
-        "# Surgery methods: speed and memory (T = 8, small transformer encoder)",
+        "# Surgery methods and their peers: speed and memory (T = 8, small transformer encoder)",
         "",
         f"{result['machine']}, torch {result['torch']}, {result['threads']} thread(s), "
-        f"{result['shared_params']} shared parameters, median of {args.rounds} interleaved rounds.",
+        f"{result['shared_params']} shared parameters, median of {args.rounds} interleaved "
+        "rounds in one process (thread CPU time; wall time beside it).",
+        *([f"Not installed, left out: {', '.join(missing)}."] if missing else []),
         "",
-        "| method | step time (ms) | ratio vs MTL |",
-        "|---|---|---|",
-        *[f"| {n} | {1e3 * median[n]:.1f} | {median[n] / median['MTL']:.2f} |" for n in names],
+        "| method | step CPU time (ms) | wall (ms) | ratio vs MTL |",
+        "|---|---|---|---|",
+        *[
+            f"| {n} | {1e3 * median[n]:.1f} | {1e3 * median_wall[n]:.1f} | "
+            f"{median[n] / median['MTL']:.2f} |"
+            for n in names
+        ],
         "",
         "| backward of | peak extra memory (× shared parameters) |",
         "|---|---|",

@@ -168,7 +168,7 @@ def methods(s: Settings) -> dict[str, Callable[[], Trajectory | list[Trajectory]
         ),
         "PCGrad": lambda: run_multitask(lambda phi: PCGrad(sgd(phi), seed=s.seed), s),
         "GradVac": lambda: run_multitask(
-            lambda phi: GradVac(sgd(phi), beta=s.gradvac_beta, seed=s.seed), s
+            lambda phi: GradVac(sgd(phi), beta=s.gradvac_beta, layers="tensor", seed=s.seed), s
         ),
         "RecAdam": lambda: run_recadam(s),
         "Reptile": lambda: run_reptile(False, s),

@@ -106,7 +106,8 @@ class SurgeryTrainer(TaskSamplingTrainer):
     Args (besides the ``Trainer``'s own, all keyword-only):
         method: a :class:`~torch_seqreptile.surgery.GradientCombiner` subclass (e.g.
             ``PCGrad``), built as ``method(optimizer, num_tasks=tasks_per_step, **method_kwargs)``
-            (plus ``seed=args.seed`` for PCGrad/GradVac unless given), or a callable
+            (plus ``seed=args.seed`` for PCGrad/GradVac and ``layers=model`` for GradVac unless
+            given), or a callable
             ``optimizer -> GradientCombiner`` that wraps the optimizer it is given.
         tasks_per_step: tasks in each batch (paper: 8; capped at the number of non-empty
             tasks). GradVac and GradNorm keep per-task state, so they need every task in every
@@ -185,6 +186,8 @@ class SurgeryTrainer(TaskSamplingTrainer):
             kwargs = {"num_tasks": per_step, **self.method_kwargs}
             if method.uses_rng and "seed" not in kwargs:
                 kwargs["seed"] = self.args.seed
+            if issubclass(method, GradVac) and "layers" not in kwargs:
+                kwargs["layers"] = self.model  # one block per module, as in the paper
             wrapper = method(optimizer, **kwargs)
         else:
             wrapper = cast(Callable[[Optimizer], Any], method)(optimizer)

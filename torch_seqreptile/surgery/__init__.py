@@ -5,13 +5,13 @@ LR schedulers work) and adds ``backward(losses)``: one scalar loss per task, the
 ``step()``. See ``docs/baselines.md``.
 """
 
-from torch_seqreptile.surgery._base import GradientCombiner
+from torch_seqreptile.surgery._base import GradientCombiner, GramianCombiner, TaskGramians
 from torch_seqreptile.surgery.cagrad import CAGrad, cagrad_weights
 from torch_seqreptile.surgery.gradnorm import GradNorm, gradnorm_weight_grad
 from torch_seqreptile.surgery.gradvac import GradVac, gradvac_weights
 from torch_seqreptile.surgery.mgda import MGDA, min_norm_weights
 from torch_seqreptile.surgery.mtl import MTL, mtl_weights
-from torch_seqreptile.surgery.pcgrad import PCGrad, pcgrad_weights
+from torch_seqreptile.surgery.pcgrad import PCGrad, pcgrad_coefficients, pcgrad_weights
 
 __all__ = [
     "MGDA",
@@ -20,11 +20,14 @@ __all__ = [
     "GradNorm",
     "GradVac",
     "GradientCombiner",
+    "GramianCombiner",
     "PCGrad",
+    "TaskGramians",
     "cagrad_weights",
     "gradnorm_weight_grad",
     "gradvac_weights",
     "min_norm_weights",
     "mtl_weights",
+    "pcgrad_coefficients",
     "pcgrad_weights",
 ]

@@ -9,7 +9,12 @@ import numpy.typing as npt
 from torch.optim import Optimizer
 
 from torch_seqreptile._validation import check_float
-from torch_seqreptile.surgery._base import Array, GradientCombiner
+from torch_seqreptile.surgery._base import (
+    Array,
+    GramianCombiner,
+    TaskGramians,
+    normalized_gramian,
+)
 from torch_seqreptile.surgery.mgda import min_norm_weights
 
 RESCALES = (0, 1, 2)
@@ -52,7 +57,7 @@ def _on_support(
     if norm == 0.0:
         return None
     slack = a + (radius / norm) * (gram @ w) - lam  # <g_j, d> - lambda
-    if np.min(slack) < -1e-9 * max(float(np.max(np.diag(gram))), 1e-300):
+    if np.min(slack) < -1e-9:  # gram is normalised: relative to the largest squared norm
         return None
     return w, norm
 
@@ -78,9 +83,16 @@ def cagrad_weights(gram: Array, c: float, rescale: int = 1, iterations: int = 10
     in the convex hull of the task gradients, i.e. they are Pareto-stationary) line 4 is
     undefined and d = g_0, as in the authors' code; numerically, ``||g_w*||`` below 1e-6 ×
     the largest task-gradient norm counts as 0.
+
+    Scale-invariant: the weights of :math:`cG` are those of G for every c > 0 (it runs on
+    :math:`G/\max_t G_{tt}`, so every tolerance is relative to the largest task gradient).
     """
     num_tasks = gram.shape[0]
     mean = np.full(num_tasks, 1.0 / num_tasks)
+    normalized = normalized_gramian(gram)
+    if normalized is None:  # every gradient is zero: d = g_0 = 0
+        return mean
+    gram = normalized
     a = gram @ mean  # <g_t, g_0>
     g0_sq = float(mean @ a)
     radius = c * math.sqrt(max(g0_sq, 0.0))
@@ -122,7 +134,7 @@ def cagrad_weights(gram: Array, c: float, rescale: int = 1, iterations: int = 10
     return (mean + (radius / norm) * w) / divisor
 
 
-class CAGrad(GradientCombiner):
+class CAGrad(GramianCombiner):
     r"""CAGrad (Liu et al., "Conflict-Averse Gradient Descent for Multi-task Learning", 2021).
 
     The shared parameters get the direction d that maximises the worst task improvement
@@ -137,6 +149,7 @@ class CAGrad(GradientCombiner):
         rescale: divide d by 1 (``0``), ``1 + c**2`` (``1``, the authors' default) or
             ``1 + c`` (``2``).
         num_tasks: T; if omitted, fixed by the first ``backward`` call.
+        error_if_nonfinite: see :class:`~torch_seqreptile.surgery.GradientCombiner`.
 
     Scale: like the mean gradient (1/T of MTL's sum), not of the sum.
     """
@@ -148,12 +161,13 @@ class CAGrad(GradientCombiner):
         *,
         rescale: int = 1,
         num_tasks: int | None = None,
+        error_if_nonfinite: bool = True,
     ) -> None:
-        super().__init__(optimizer, num_tasks=num_tasks)
+        super().__init__(optimizer, num_tasks=num_tasks, error_if_nonfinite=error_if_nonfinite)
         self.c = check_float("c", c, 0.0, math.inf, open_high=True)
         if isinstance(rescale, bool) or rescale not in RESCALES:
             raise ValueError(f"rescale must be one of {RESCALES}, got {rescale!r}")
         self.rescale = int(rescale)
 
-    def _weights(self, grams: Array, active: list[int], losses: Array) -> Array:
-        return cagrad_weights(grams[0], self.c, self.rescale)[None, :]
+    def _update(self, problem: TaskGramians) -> Array:
+        return cagrad_weights(problem.grams[0], self.c, self.rescale)[None, :]

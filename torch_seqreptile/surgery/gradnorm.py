@@ -12,8 +12,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from torch_seqreptile._validation import check_float, check_int
-from torch_seqreptile._wrapper import unhooked_step
-from torch_seqreptile.surgery._base import Array, GradientCombiner
+from torch_seqreptile.surgery._base import Array, GramianCombiner, TaskGramians
 
 
 def gradnorm_weight_grad(
@@ -36,7 +35,13 @@ def gradnorm_weight_grad(
     return np.asarray(np.sign(scaled - target) * norms, dtype=np.float64)
 
 
-class GradNorm(GradientCombiner):
+#: the weights' optimizer when none is given: Adam, as in the authors' code
+DEFAULT_WEIGHT_LR = 0.025
+
+WeightOptimizer = Callable[[list[Tensor]], Optimizer]
+
+
+class GradNorm(GramianCombiner):
     r"""GradNorm (Chen et al., "GradNorm: Gradient Normalization for Adaptive Loss Balancing
     in Deep Multitask Networks", ICML 2018).
 
@@ -46,10 +51,24 @@ class GradNorm(GradientCombiner):
     (:func:`gradnorm_weight_grad`), which pushes each task's weighted gradient norm on the
     chosen shared ``layer`` toward the mean norm times its relative inverse training rate to
     the power ``alpha``. The norms come from the layer's T×T Gramian, so no second-order
-    backward is needed. ``backward`` stores that gradient in ``loss_weights.grad``; ``step``
-    takes the inner step, then a step of the weights' own Adam (learning rate ``weight_lr``),
-    then renormalises :math:`\sum_i w_i = T`. L_i(0) are the losses of the first ``backward``
-    (they must be positive). Weights, L_i(0) and the weight optimizer are in ``state_dict``.
+    backward is needed.
+
+    The weights are an ordinary leaf tensor, ``opt.loss_weights``, trained by their own
+    ``torch.optim`` optimizer, ``opt.weight_optimizer`` (default ``Adam(lr=0.025)``; any via
+    ``weight_optimizer=``): ``backward`` stores :math:`\nabla_w L_{grad}` in
+    ``loss_weights.grad``; ``step`` takes the inner step, then ``weight_optimizer.step()``
+    (an ordinary call: its own hooks and LR schedulers work, e.g.
+    ``LinearLR(opt.weight_optimizer, ...)``), then renormalises :math:`\sum_i w_i = T` (after
+    clipping negative weights to 0). Weights, L_i(0) and the weight optimizer's state are in
+    ``state_dict``.
+
+    Degenerate input, never NaN weights: losses must be finite and >= 0 (the training rates
+    :math:`L_i/L_i(0)` are ratios of losses), the first call's losses > 0 (they are
+    :math:`L_i(0)`) — else ``ValueError`` before anything changes. A call where every loss
+    is 0, or every task's gradient on the layer is 0, has nothing to balance: the model is
+    updated with the current weights and the weights are not (``loss_weights.grad`` stays
+    ``None`` and ``step`` skips the weight step). A task with a zero gradient on the layer
+    gets a zero weight gradient.
 
     Args:
         optimizer: any ``torch.optim.Optimizer``.
@@ -58,7 +77,11 @@ class GradNorm(GradientCombiner):
         layer: the shared parameters W whose gradient norms are balanced; every task must
             reach all of them. Default: the last shared parameter (in ``param_groups``
             order), "usually the last shared layer" as in the paper.
-        weight_lr: learning rate of the weights' Adam, in (0, inf) (default 0.025).
+        weight_lr: learning rate of the default Adam of the weights, in (0, inf) (default
+            0.025); not with ``weight_optimizer``.
+        weight_optimizer: a function that builds the weights' optimizer from ``[w]``, e.g.
+            ``lambda w: torch.optim.SGD(w, lr=0.1)``.
+        error_if_nonfinite: see :class:`~torch_seqreptile.surgery.GradientCombiner`.
     """
 
     def __init__(
@@ -68,14 +91,24 @@ class GradNorm(GradientCombiner):
         alpha: float = 1.5,
         *,
         layer: Tensor | Iterable[Tensor] | None = None,
-        weight_lr: float = 0.025,
+        weight_lr: float | None = None,
+        weight_optimizer: WeightOptimizer | None = None,
+        error_if_nonfinite: bool = True,
     ) -> None:
         num_tasks = check_int("num_tasks", num_tasks, 1)
-        super().__init__(optimizer, num_tasks=num_tasks)
         self.alpha = check_float("alpha", alpha, 0.0, math.inf, open_high=True)
-        weight_lr = check_float("weight_lr", weight_lr, 0.0, math.inf, open_high=True)
-        if weight_lr == 0.0:
-            raise ValueError("weight_lr must be in (0, inf), got 0.0")
+        if weight_lr is not None and weight_optimizer is not None:
+            raise ValueError("pass weight_lr or weight_optimizer, not both")
+        if weight_lr is not None:
+            weight_lr = check_float("weight_lr", weight_lr, 0.0, math.inf, open_high=True)
+            if weight_lr == 0.0:
+                raise ValueError("weight_lr must be in (0, inf), got 0.0")
+        if weight_optimizer is not None and not callable(weight_optimizer):
+            raise TypeError(
+                "weight_optimizer must be a function of [loss_weights] returning an optimizer, "
+                f"got {type(weight_optimizer).__name__}"
+            )
+        super().__init__(optimizer, num_tasks=num_tasks, error_if_nonfinite=error_if_nonfinite)
         index = {id(p): i for i, p in enumerate(self.params())}
         self._layer: list[int] | None = None
         if layer is not None:
@@ -83,22 +116,40 @@ class GradNorm(GradientCombiner):
             if not tensors or any(id(p) not in index for p in tensors):
                 raise ValueError("layer must be one or more parameters of the optimizer")
             self._layer = sorted(index[id(p)] for p in tensors)
+        #: the task weights w (float64 leaf tensor, start at 1)
         self.loss_weights = torch.ones(num_tasks, dtype=torch.float64, requires_grad=True)
-        self.weight_optimizer = torch.optim.Adam([self.loss_weights], lr=weight_lr)
+        if weight_optimizer is None:
+            lr = DEFAULT_WEIGHT_LR if weight_lr is None else weight_lr
+            weights_opt: Optimizer = torch.optim.Adam([self.loss_weights], lr=lr)
+        else:
+            weights_opt = weight_optimizer([self.loss_weights])
+            if not isinstance(weights_opt, Optimizer):
+                raise TypeError(
+                    "weight_optimizer must return a torch.optim.Optimizer, got "
+                    f"{type(weights_opt).__name__}"
+                )
+        #: the optimizer of ``loss_weights`` (stepped by ``step``; schedulable)
+        self.weight_optimizer = weights_opt
+        #: L_i(0), the losses of the first ``backward``
         self.initial_losses: Tensor | None = None
-        self._reached_by_all: list[int] = []
 
     def backward(self, losses: Sequence[Tensor], *, retain_graph: bool = False) -> None:
+        checked = self._check_losses(losses)
+        values = [float(loss.detach().reshape(())) for loss in checked]
+        negative = [t for t, v in enumerate(values) if math.isfinite(v) and v < 0.0]
+        if negative:
+            raise ValueError(
+                "GradNorm needs losses >= 0 (its training rates L_i/L_i(0) are ratios of "
+                f"losses); losses[{negative[0]}] = {values[negative[0]]}"
+            )
         if self.initial_losses is None:
-            checked = self._check_losses(losses)
-            values = [float(loss.detach().reshape(())) for loss in checked]
-            bad = [t for t, v in enumerate(values) if not v > 0.0 or not math.isfinite(v)]
-            if bad:
+            zero = [t for t, v in enumerate(values) if v == 0.0]
+            if zero:
                 raise ValueError(
-                    f"GradNorm needs positive, finite initial losses (it divides by L_i(0)); "
-                    f"losses[{bad[0]}] = {values[bad[0]]}"
+                    "GradNorm needs positive initial losses (it divides by L_i(0)); "
+                    f"losses[{zero[0]}] = 0.0 in the first call"
                 )
-        super().backward(losses, retain_graph=retain_graph)
+        super().backward(checked, retain_graph=retain_graph)
 
     def _blocks(self, indices: list[int]) -> tuple[list[int], int]:
         # block 0: the balanced layer, block 1: every other shared parameter
@@ -110,33 +161,44 @@ class GradNorm(GradientCombiner):
     def _head_scale(self, task: int) -> float:
         return float(self.loss_weights[task])
 
-    def _weights(self, grams: Array, active: list[int], losses: Array) -> Array:
-        num_tasks = grams.shape[-1]
+    def _update(self, problem: TaskGramians) -> Array:
+        num_tasks = problem.grams.shape[-1]
+        weights = self.loss_weights.detach().numpy().copy()
         if num_tasks == 1:  # nothing to balance: plain training, w stays 1
-            self.loss_weights.grad = torch.zeros_like(self.loss_weights)
             return np.ones((2, 1))
-        if 0 not in active:
-            raise ValueError("layer must be reached by at least two tasks' losses")
-        norms = np.sqrt(np.maximum(np.diag(grams[0]), 0.0))
-        if np.any(norms == 0.0):
+        if 0 not in problem.active:
+            raise ValueError("layer must be reached by every task's loss; fewer than two do")
+        if not problem.reached[0].all():
+            missing = int(np.argmin(problem.reached[0]))
             raise ValueError(
-                f"every task must reach the GradNorm layer; losses[{int(np.argmin(norms))}] "
-                "does not (or its gradient there is zero)"
+                f"layer must be reached by every task's loss; losses[{missing}] is not"
             )
+        losses = problem.losses
+        self.loss_weights.grad = None
         if self.initial_losses is None:
             self.initial_losses = torch.from_numpy(np.array(losses, dtype=np.float64))
-        weights = self.loss_weights.detach().numpy().copy()
-        grad = gradnorm_weight_grad(weights, norms, losses, self.initial_losses.numpy(), self.alpha)
-        self.loss_weights.grad = torch.from_numpy(grad)
+        norms = np.sqrt(np.maximum(np.diag(problem.grams[0]), 0.0))
+        rates = losses / self.initial_losses.numpy()
+        if rates.sum() > 0.0 and norms.max() > 0.0:
+            grad = gradnorm_weight_grad(
+                weights, norms, losses, self.initial_losses.numpy(), self.alpha
+            )
+            self.loss_weights.grad = torch.from_numpy(grad)
         return np.stack([weights, weights])
 
     def _after_step(self) -> None:
-        if self.loss_weights.grad is None:
+        if self.loss_weights.grad is None or self.last_weights is None:
+            self.loss_weights.grad = None  # no weight update this step (or non-finite call)
             return
-        unhooked_step(self.weight_optimizer)
+        self.weight_optimizer.step()
         self.weight_optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
-            self.loss_weights.mul_(len(self.loss_weights) / self.loss_weights.sum())
+            self.loss_weights.clamp_(min=0.0)
+            total = float(self.loss_weights.sum())
+            if total > 0.0:
+                self.loss_weights.mul_(len(self.loss_weights) / total)
+            else:  # every weight was pushed to 0: start again from 1
+                self.loss_weights.fill_(1.0)
 
     def _extra_state(self) -> dict[str, Any]:
         return {
@@ -147,20 +209,37 @@ class GradNorm(GradientCombiner):
         }
 
     def _load_extra_state(self, state: dict[str, Any]) -> Callable[[], None]:
-        weights = state["loss_weights"]
+        where = "state_dict['surgery']['method_state']"
+        weights = state.get("loss_weights")
         if not isinstance(weights, Tensor) or weights.shape != self.loss_weights.shape:
             raise ValueError(
-                f"state_dict['method']['loss_weights'] must have shape "
-                f"{tuple(self.loss_weights.shape)}"
+                f"{where}['loss_weights'] must have shape {tuple(self.loss_weights.shape)}"
+            )
+        initial = state.get("initial_losses")
+        if initial is not None and (
+            not isinstance(initial, Tensor)
+            or initial.shape != self.loss_weights.shape
+            or not bool((initial > 0).all())
+        ):
+            raise ValueError(
+                f"{where}['initial_losses'] must be None or {len(weights)} positive numbers"
+            )
+        saved = state.get("weight_optimizer")
+        if not isinstance(saved, dict) or not isinstance(saved.get("param_groups"), list):
+            raise ValueError(f"{where}['weight_optimizer'] must be an optimizer state_dict")
+        if [len(g.get("params", ())) for g in saved["param_groups"]] != [
+            len(g["params"]) for g in self.weight_optimizer.param_groups
+        ]:
+            raise ValueError(
+                f"{where}['weight_optimizer'] does not match this optimizer's weight optimizer"
             )
 
         def restore() -> None:
+            self.weight_optimizer.load_state_dict(saved)
             self.alpha = float(state["alpha"])
             with torch.no_grad():
                 self.loss_weights.copy_(weights)
             self.loss_weights.grad = None
-            initial = state["initial_losses"]
             self.initial_losses = None if initial is None else initial.double().cpu().clone()
-            self.weight_optimizer.load_state_dict(state["weight_optimizer"])
 
         return restore

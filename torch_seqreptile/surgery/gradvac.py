@@ -8,11 +8,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from torch_seqreptile._validation import check_float
-from torch_seqreptile.surgery._base import Array, GradientCombiner, random_orders
+from torch_seqreptile.surgery._base import Array, GramianCombiner, TaskGramians, random_orders
 
 
 def gradvac_weights(
@@ -53,26 +53,44 @@ def gradvac_weights(
     return np.asarray(coef.sum(axis=0), dtype=np.float64), new
 
 
-class GradVac(GradientCombiner):
+Layers = nn.Module | Sequence[Iterable[Tensor]] | str | None
+
+#: block of the shared parameters in no listed layer
+REST = "<rest>"
+
+
+class GradVac(GramianCombiner):
     r"""GradVac (Wang et al., "Gradient Vaccine: Investigating and Improving Multi-task
     Optimization in Massively Multilingual Models", ICLR 2021).
 
-    Per layer (the paper's Sec. 4.2 granularity) and per task pair, an exponential moving
-    average :math:`\hat\phi_{ij}` of the observed gradient cosine is the similarity goal; a
-    task gradient whose cosine with another falls below it is moved toward it, one that
-    already exceeds it is left unchanged (:func:`gradvac_weights`). Targets start at 0
+    Per layer (the paper's granularity) and per task pair, an exponential moving average
+    :math:`\hat\phi_{ij}` of the observed gradient cosine is the similarity goal; a task
+    gradient whose cosine with another falls below it is moved toward it, one that already
+    exceeds it is left unchanged (:func:`gradvac_weights`). Targets start at 0
     (:math:`\hat\phi^{(0)} = 0`, which makes the first step PCGrad-like) and live in
-    ``state_dict``. Heads get their own gradient.
+    ``state_dict``, one ``(T, T)`` matrix per block, named in ``block_names``. Heads get their
+    own gradient.
 
     Args:
         optimizer: any ``torch.optim.Optimizer``.
         beta: EMA rate of the targets, in [0, 1] (paper: 1e-2).
-        layers: the blocks ("layers") the similarity is measured on, each an iterable of
-            parameters of ``optimizer``, e.g. ``[list(l.parameters()) for l in encoder.layers]``;
-            shared parameters in no listed layer form one extra block. Default: every
-            parameter tensor is its own block.
+        layers: the blocks ("layers") the similarity is measured on:
+
+            * ``None`` (default): one block per module, read from the parameter names of an
+              optimizer built from ``model.named_parameters()`` (``encoder.layer.0.output.dense
+              .weight`` and ``.bias`` form the block ``encoder.layer.0.output.dense``);
+            * an ``nn.Module``: one block per submodule that holds parameters itself (a
+              ``Linear``, a ``LayerNorm``, an ``Embedding``), named by its path;
+            * a sequence of parameter iterables, e.g. ``[l.parameters() for l in
+              bert.encoder.layer]`` for one block per transformer layer, named ``layers[i]``;
+            * ``"tensor"``: one block per parameter tensor.
+
+            Shared parameters outside the given module or layers form one more block,
+            ``"<rest>"``. Parameters added later (``add_param_group``) get their blocks the
+            same way; new blocks start at target 0.
         num_tasks: T; if omitted, fixed by the first ``backward`` call.
         seed: seed of the random order of line 3 (as in :class:`PCGrad`).
+        error_if_nonfinite: see :class:`~torch_seqreptile.surgery.GradientCombiner`.
     """
 
     uses_rng = True
@@ -82,69 +100,134 @@ class GradVac(GradientCombiner):
         optimizer: Optimizer,
         beta: float = 1e-2,
         *,
-        layers: Sequence[Iterable[Tensor]] | None = None,
+        layers: Layers = None,
         num_tasks: int | None = None,
         seed: int | None = None,
+        error_if_nonfinite: bool = True,
     ) -> None:
-        super().__init__(optimizer, num_tasks=num_tasks, seed=seed)
         self.beta = check_float("beta", beta, 0.0, 1.0, open_high=False)
-        index = {id(p): i for i, p in enumerate(self.params())}
-        self._layer_of: dict[int, int] | None = None
-        if layers is not None:
-            self._layer_of = {}
-            for number, layer in enumerate(layers):
-                for param in layer:
-                    if id(param) not in index:
-                        raise ValueError(
-                            f"layers[{number}] holds a tensor that is not a parameter of the "
-                            "optimizer"
-                        )
-                    if index[id(param)] in self._layer_of:
-                        raise ValueError(f"layers[{number}] repeats a parameter of another layer")
-                    self._layer_of[index[id(param)]] = number
-            self._num_blocks = len(layers) + 1
-        else:
-            self._num_blocks = len(index)
+        self._by_name = layers is None
+        self._per_tensor = isinstance(layers, str)
+        if isinstance(layers, str) and layers != "tensor":
+            raise ValueError(
+                f"layers must be a module, a list of layers or 'tensor', got {layers!r}"
+            )
+        self._layer_of = {} if layers is None or isinstance(layers, str) else _layer_names(layers)
+        super().__init__(
+            optimizer, num_tasks=num_tasks, seed=seed, error_if_nonfinite=error_if_nonfinite
+        )
+        if isinstance(layers, Sequence) and not isinstance(layers, str):
+            own = set(self.params())
+            for key, name in self._layer_of.items():
+                if key not in own:
+                    raise ValueError(
+                        f"{name} holds a tensor that is not a parameter of the optimizer"
+                    )
+        #: the name of each block, in the order of the rows of ``targets``
+        self.block_names: list[str] = []
         #: float64 ``(blocks, T, T)`` EMA targets, created by the first ``backward``
         self.targets: Tensor | None = None
+        self._new_blocks: list[str] = []  # found by _blocks, committed by _update
+
+    def _check_new_group(self, group: dict[str, Any]) -> None:
+        if self._by_name:
+            _require_names(group, "param_group")
+
+    def _block_name(self, index: int, param: Tensor, name: str | None) -> str:
+        if self._per_tensor:
+            return f"params[{index}]"
+        if self._by_name:
+            assert name is not None
+            return name.rpartition(".")[0] or "<root>"
+        return self._layer_of.get(param, REST)
 
     def _blocks(self, indices: list[int]) -> tuple[list[int], int]:
-        if self._layer_of is None:
-            return list(indices), self._num_blocks
-        rest = self._num_blocks - 1
-        return [self._layer_of.get(i, rest) for i in indices], self._num_blocks
+        params = list(self.params())
+        names: list[str | None] = []
+        for group in self.param_groups:
+            names += group.get("param_names", [None] * len(group["params"]))
+        known = {name: block for block, name in enumerate(self.block_names)}
+        self._new_blocks = []
+        ids = []
+        for i in indices:
+            name = self._block_name(i, params[i], names[i])
+            if name not in known:  # a new block (first call, or a group added since)
+                known[name] = len(known)
+                self._new_blocks.append(name)
+            ids.append(known[name])
+        return ids, len(known)
 
-    def _weights(self, grams: Array, active: list[int], losses: Array) -> Array:
+    def _update(self, problem: TaskGramians) -> Array:
         assert self.generator is not None
-        num_tasks = grams.shape[-1]
-        targets = (
-            np.zeros((self._num_blocks, num_tasks, num_tasks))
-            if self.targets is None
-            else self.targets.numpy().copy()
-        )
-        weights = np.ones((self._num_blocks, num_tasks))
+        num_blocks, num_tasks = problem.grams.shape[:2]
+        targets = np.zeros((num_blocks, num_tasks, num_tasks))
+        if self.targets is not None:
+            targets[: len(self.targets)] = self.targets.numpy()
+        weights = np.ones((num_blocks, num_tasks))
         orders = random_orders(num_tasks, self.generator)  # one order for all blocks
-        for block in active:
+        for block in problem.active:
             weights[block], targets[block] = gradvac_weights(
-                grams[block], targets[block], self.beta, orders
+                problem.grams[block], targets[block], self.beta, orders
             )
         self.targets = torch.from_numpy(targets)
+        self.block_names += self._new_blocks
         return weights
 
     def _extra_state(self) -> dict[str, Any]:
-        return {"beta": self.beta, "targets": self.targets}
+        return {"beta": self.beta, "targets": self.targets, "block_names": list(self.block_names)}
 
     def _load_extra_state(self, state: dict[str, Any]) -> Callable[[], None]:
-        targets = state["targets"]
+        targets, names = state.get("targets"), state.get("block_names")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError(
+                "state_dict['surgery']['method_state']['block_names'] must be a list of str"
+            )
         if targets is not None and (
-            not isinstance(targets, Tensor)
-            or targets.dim() != 3
-            or len(targets) != self._num_blocks
+            not isinstance(targets, Tensor) or targets.dim() != 3 or len(targets) > len(names)
         ):
-            raise ValueError(f"state_dict['method']['targets'] must have {self._num_blocks} blocks")
+            raise ValueError(
+                "state_dict['surgery']['method_state']['targets'] must be a (blocks, T, T) "
+                f"tensor with at most one block per name ({len(names)})"
+            )
 
         def restore() -> None:
             self.beta = float(state["beta"])
+            self.block_names = list(names)
             self.targets = None if targets is None else targets.detach().double().cpu().clone()
 
         return restore
+
+
+def _layer_names(layers: nn.Module | Sequence[Iterable[Tensor]]) -> dict[Tensor, str]:
+    """``parameter -> block name`` for a module's submodules or an explicit layer list.
+
+    Keyed by the tensors themselves (hashed by identity), so ``copy.deepcopy`` of the
+    optimizer maps the copies' parameters to the same names.
+    """
+    names: dict[Tensor, str] = {}
+    if isinstance(layers, nn.Module):
+        for path, module in layers.named_modules():
+            for param in module.parameters(recurse=False):
+                names.setdefault(param, path or "<root>")  # a tied weight: its first owner
+        return names
+    for number, layer in enumerate(layers):
+        for param in layer:
+            if not isinstance(param, Tensor):
+                raise TypeError(f"layers[{number}] must hold tensors, got {type(param).__name__}")
+            if param in names:
+                raise ValueError(f"layers[{number}] repeats a parameter of another layer")
+            names[param] = f"layers[{number}]"
+    return names
+
+
+def _require_names(group: dict[str, Any], where: str) -> None:
+    params = group["params"]
+    named = "param_names" in group or (
+        isinstance(params, list) and bool(params) and all(isinstance(p, tuple) for p in params)
+    )
+    if not named:
+        raise ValueError(
+            f"{where} has no parameter names, so GradVac cannot find its layers: build the "
+            "optimizer from model.named_parameters(), or pass layers=model (one block per "
+            "module), a list of layers, or layers='tensor'"
+        )

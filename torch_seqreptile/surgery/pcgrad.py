@@ -5,22 +5,20 @@ from __future__ import annotations
 import numpy as np
 from torch.optim import Optimizer
 
-from torch_seqreptile.surgery._base import Array, GradientCombiner, random_orders
+from torch_seqreptile.surgery._base import Array, GramianCombiner, TaskGramians, random_orders
 
 
-def pcgrad_weights(gram: Array, orders: list[list[int]]) -> Array:
-    r"""PCGrad (Yu et al., 2020, Algorithm 1) on the Gramian ``gram[i, j] = <g_i, g_j>``.
+def pcgrad_coefficients(gram: Array, orders: list[list[int]]) -> Array:
+    r"""PCGrad's projected gradients as combinations of the originals: ``g_i^PC = C[i] @ g``.
 
-    Lines 3-6: for each task i, ``g_i^PC <- g_i``; for each other task j in ``orders[i]``, if
+    Yu et al. (2020), Algorithm 1, lines 3-6, on the Gramian ``gram[i, j] = <g_i, g_j>``: for
+    each task i, ``g_i^PC <- g_i``; for each other task j in ``orders[i]``, if
     :math:`\langle g_i^{PC}, g_j\rangle < 0` then
     :math:`g_i^{PC} \leftarrow g_i^{PC} - \frac{\langle g_i^{PC}, g_j\rangle}{\|g_j\|^2} g_j`
-    (projection onto the normal plane of the *original* g_j). Line 7: the update is
-    :math:`\sum_i g_i^{PC}`.
-
-    Every ``g_i^PC`` is a linear combination ``sum_m C[i, m] g_m`` of the original gradients,
-    so only the T×T coefficient matrix C is tracked: ``<g_i^PC, g_j> = (C @ gram)[i, j]``.
-    Returns the weights ``w = 1ᵀ C`` of the update ``sum_m w_m g_m``. A zero ``g_j`` is never
-    projected on.
+    (projection onto the normal plane of the *original* g_j). Every ``g_i^PC`` stays a linear
+    combination of the original gradients, so only the T×T matrix C is tracked:
+    ``<g_i^PC, g_j> = (C @ gram)[i, j]``. A zero ``g_j`` is never projected on. Each step is
+    a ratio of inner products, so C is invariant under ``gram -> c * gram``.
     """
     num_tasks = gram.shape[0]
     coef = np.eye(num_tasks)
@@ -29,10 +27,18 @@ def pcgrad_weights(gram: Array, orders: list[list[int]]) -> Array:
             dot = float(coef[i] @ gram[:, j])
             if dot < 0.0 and gram[j, j] > 0.0:
                 coef[i, j] -= dot / gram[j, j]
-    return np.asarray(coef.sum(axis=0), dtype=np.float64)
+    return coef
 
 
-class PCGrad(GradientCombiner):
+def pcgrad_weights(gram: Array, orders: list[list[int]]) -> Array:
+    r"""PCGrad's update :math:`\sum_i g_i^{PC} = \sum_m w_m g_m` (Algorithm 1, line 7).
+
+    Returns ``w = 1ᵀ C`` with C from :func:`pcgrad_coefficients`.
+    """
+    return np.asarray(pcgrad_coefficients(gram, orders).sum(axis=0), dtype=np.float64)
+
+
+class PCGrad(GramianCombiner):
     r"""PCGrad (Yu et al., "Gradient Surgery for Multi-Task Learning", NeurIPS 2020).
 
     Each task gradient is projected onto the normal plane of every other task gradient it
@@ -48,6 +54,7 @@ class PCGrad(GradientCombiner):
         optimizer: any ``torch.optim.Optimizer``.
         num_tasks: T; if omitted, fixed by the first ``backward`` call.
         seed: seed of the projection order.
+        error_if_nonfinite: see :class:`~torch_seqreptile.surgery.GradientCombiner`.
 
     Cost: T backward passes, T gradients of the shared parameters in memory, the Gramian
     (T² inner products) and an O(T³) loop on the CPU.
@@ -56,11 +63,18 @@ class PCGrad(GradientCombiner):
     uses_rng = True
 
     def __init__(
-        self, optimizer: Optimizer, *, num_tasks: int | None = None, seed: int | None = None
+        self,
+        optimizer: Optimizer,
+        *,
+        num_tasks: int | None = None,
+        seed: int | None = None,
+        error_if_nonfinite: bool = True,
     ) -> None:
-        super().__init__(optimizer, num_tasks=num_tasks, seed=seed)
+        super().__init__(
+            optimizer, num_tasks=num_tasks, seed=seed, error_if_nonfinite=error_if_nonfinite
+        )
 
-    def _weights(self, grams: Array, active: list[int], losses: Array) -> Array:
+    def _update(self, problem: TaskGramians) -> Array:
         assert self.generator is not None
-        orders = random_orders(grams.shape[-1], self.generator)
-        return pcgrad_weights(grams[0], orders)[None, :]
+        orders = random_orders(problem.grams.shape[-1], self.generator)
+        return pcgrad_weights(problem.grams[0], orders)[None, :]
