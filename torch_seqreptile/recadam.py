@@ -72,6 +72,14 @@ class RecAdam(Optimizer):
     (loadable with ``torch.load(weights_only=True)``). Memory: Adam's two buffers plus one
     copy of the parameters.
 
+    Example:
+        >>> import torch
+        >>> from torch_seqreptile import RecAdam
+        >>> p = torch.nn.Parameter(torch.ones(2))
+        >>> opt = RecAdam([p])  # the authors' defaults; theta* = the values now
+        >>> opt.state[p]["pretrained"].tolist()
+        [1.0, 1.0]
+
     Args:
         params: parameters or parameter groups, as for any ``torch.optim.Optimizer``.
         lr: learning rate, in [0, inf) (default 2e-5, the authors' BERT-base learning rate).

@@ -19,7 +19,7 @@ ENDPOINT_SUM = "endpoint_sum"
 class Reptile(SlowWeightsOptimizer):
     r"""Reptile with one inner trajectory per task, all starting from the same phi.
 
-    For each task t = 0, ..., T-1 in turn, ``inner_steps`` calls of :meth:`step` run
+    For each task t = 0, ..., T-1 in turn, ``inner_steps`` calls of :meth:`~torch_seqreptile.Reptile.step` run
     :math:`\theta_t^{(0)}=\phi,\ \theta_t^{(k)}=\mathrm{InnerStep}(\theta_t^{(k-1)},
     \mathcal{B}_t^{(k)})` (Eq. 2) on batches of task t only; after the last task
 
@@ -59,6 +59,22 @@ class Reptile(SlowWeightsOptimizer):
     ``num_tasks``, ``trajectory_index`` (trajectories finished this round) and
     ``process_group_size``. All groups share one schedule: their ``inner_steps`` and
     ``num_tasks`` must be equal.
+
+    Example:
+        One SGD step (lr 1) per task on :math:`\tfrac12\|\theta - c_t\|^2` ends each
+        trajectory at :math:`c_t`; with :math:`\eta = 1` phi becomes their mean:
+
+        >>> import torch
+        >>> from torch_seqreptile import Reptile
+        >>> theta = torch.nn.Parameter(torch.zeros(2))
+        >>> opt = Reptile(torch.optim.SGD([theta], lr=1.0), 1, outer_lr=1.0, num_tasks=2)
+        >>> centers = [[2.0, 0.0], [0.0, 4.0]]
+        >>> for _ in range(2):
+        ...     theta.grad = theta.detach() - torch.tensor(centers[opt.current_task])
+        ...     opt.step()
+        >>> theta.tolist()
+        [1.0, 2.0]
+
     Memory: two copies of the trainable parameters (phi and the sum of trajectory ends);
     in parallel mode the all-reduce adds one transient 64 MiB bucket
     (:data:`torch_seqreptile.distributed.BUCKET_BYTES`).
@@ -183,7 +199,7 @@ class Reptile(SlowWeightsOptimizer):
 
     @property
     def current_task(self) -> int:
-        """The task whose batches the next :meth:`step` must see (this rank's, if parallel)."""
+        """The task whose batches the next :meth:`~torch_seqreptile.Reptile.step` must see (this rank's, if parallel)."""
         return (self.rank + self.group_size * self.trajectory_index) % self.num_tasks
 
     # ------------------------------------------------------------------ trajectories

@@ -39,6 +39,10 @@ def task_probabilities(task_sizes: Sequence[int], q: float) -> Tensor:
 
     Computed as a softmax of q·log N_t, so that no q overflows (q = 400 puts all the mass on
     the largest tasks, as the limit does).
+
+    >>> from torch_seqreptile import task_probabilities
+    >>> [round(p, 3) for p in task_probabilities([100, 10, 1], q=0.5).tolist()]
+    [0.706, 0.223, 0.071]
     """
     sizes = _check_sizes(task_sizes)
     if isinstance(q, bool) or not isinstance(q, (int, float)):
@@ -172,7 +176,7 @@ class _TaskSampler(Sampler[list[int]]):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; everything is checked first, so a refused state
+        """Restore a ``state_dict()``; everything is checked first, so a refused state
         (``TypeError``/``ValueError``) leaves the sampler unchanged."""
         if not isinstance(state_dict, dict) or state_dict.get("sampler") != type(self).__name__:
             kind = state_dict.get("sampler") if isinstance(state_dict, dict) else state_dict
@@ -241,7 +245,12 @@ class _Shuffles:
 
 def task_of(offsets: Sequence[int], index: int) -> int:
     """The task of ``index`` into a concatenation whose task ``t`` starts at ``offsets[t]``
-    (``offsets[-1]`` is the total size)."""
+    (``offsets[-1]`` is the total size).
+
+    >>> from torch_seqreptile import task_of
+    >>> [task_of([0, 4, 6], i) for i in (0, 3, 4, 5)]
+    [0, 0, 1, 1]
+    """
     if not 0 <= index < offsets[-1]:
         raise ValueError(f"index must be in [0, {offsets[-1]}), got {index}")
     return bisect.bisect_right(offsets, index) - 1
@@ -268,6 +277,15 @@ class TaskBatchSampler(_TaskSampler):
             ``"drop"`` gives every rank floor(N_t / world_size) and never draws a task with
             fewer than ``world_size`` examples. Either way all ranks get equal, non-empty
             batches.
+
+    Example (indices 0-5 are task 0, 6-7 task 1, as in ``ConcatDataset``):
+
+    >>> from torch_seqreptile import TaskBatchSampler, task_of
+    >>> sampler = TaskBatchSampler([6, 2], batch_size=2, seed=0)
+    >>> len(sampler)
+    4
+    >>> [{task_of([0, 6, 8], i) for i in batch} for batch in sampler]  # one task per batch
+    [{1}, {1}, {1}, {0}]
     """
 
     def __init__(
@@ -312,6 +330,11 @@ class MultiTaskBatchSampler(_TaskSampler):
     8 per step). A batch is the concatenation of the tasks' mini-batches in increasing task
     order; :meth:`task_of` maps its indices back to tasks. Other arguments are those of
     :class:`TaskBatchSampler`.
+
+    >>> from torch_seqreptile import MultiTaskBatchSampler, task_of
+    >>> sampler = MultiTaskBatchSampler([4, 2, 2], batch_size=1, tasks_per_step=2, seed=0)
+    >>> [[task_of([0, 4, 6, 8], i) for i in batch] for batch in list(sampler)[:3]]
+    [[1, 2], [0, 1], [0, 1]]
     """
 
     def __init__(

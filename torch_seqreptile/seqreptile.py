@@ -58,6 +58,20 @@ class SeqReptile(SlowWeightsOptimizer):
     ``trajectory_step`` and does its outer update when that reaches its ``inner_steps``.
     ``state[p]["slow_weight"]`` is phi (``state[p]["outer_momentum_buffer"]`` the momentum).
 
+    Example:
+        Two inner SGD steps (lr 1) on :math:`\tfrac12\|\theta - c_t\|^2`, one task each, then
+        the outer update with :math:`\eta = 0.5`:
+
+        >>> import torch
+        >>> from torch_seqreptile import SeqReptile
+        >>> theta = torch.nn.Parameter(torch.zeros(2))
+        >>> opt = SeqReptile(torch.optim.SGD([theta], lr=1.0), inner_steps=2, outer_lr=0.5)
+        >>> for center in ([1.0, 0.0], [0.0, 1.0]):
+        ...     theta.grad = theta.detach() - torch.tensor(center)
+        ...     opt.step()
+        >>> theta.tolist()  # theta_2 = [0, 1]; phi = 0 - 0.5 * (0 - theta_2); theta <- phi
+        [0.0, 0.5]
+
     Memory: one copy of the trainable parameters (phi; float32 for low-precision ones), plus
     one more with momentum.
     """

@@ -146,7 +146,7 @@ def task_stream(
         collate_fn: applied to each batch (a list of examples); default: the list itself.
 
     Returns:
-        a :class:`TaskStreamLoader` (a ``torchdata.nodes.Loader``): iterate it for ``(task, batch)``; its ``state_dict()`` /
+        a :class:`~torch_seqreptile.streaming.TaskStreamLoader` (a ``torchdata.nodes.Loader``): iterate it for ``(task, batch)``; its ``state_dict()`` /
         ``load_state_dict()`` resume the draws and every stream exactly (a loader built
         with the same arguments, then ``load_state_dict``, continues the same sequence; a
         state saved with other arguments is refused).

@@ -28,7 +28,7 @@ def find_wrapped(optimizer: Any, kind: type[Optimizer]) -> Any:
 
 
 def find_slow_optimizer(optimizer: Any) -> SlowWeightsOptimizer | None:
-    """The :class:`SeqReptile`/:class:`Reptile` inside ``optimizer`` (e.g. an
+    """The :class:`~torch_seqreptile.SeqReptile`/:class:`~torch_seqreptile.Reptile` inside ``optimizer`` (e.g. an
     ``accelerate`` ``AcceleratedOptimizer``), or ``None``."""
     found: SlowWeightsOptimizer | None = find_wrapped(optimizer, SlowWeightsOptimizer)
     return found

@@ -51,7 +51,7 @@ def _default_loss(model: nn.Module, batch: Any) -> Tensor:
 class ProbeCallback(TrainerCallback):  # type: ignore[misc]
     r"""Log task-gradient alignment and the distance from the start to the Trainer's loggers.
 
-    Every ``every_n_steps`` optimizer steps it runs :class:`TaskGradientProbe` on the fixed
+    Every ``every_n_steps`` optimizer steps it runs :class:`~torch_seqreptile.probes.TaskGradientProbe` on the fixed
     ``probe_batches`` (one batch per task) and calls ``trainer.log`` with
     ``probe/mean_cosine`` (:math:`\bar c`), ``probe/grad_norm/task_t`` and
     ``probe/l2_distance`` (:math:`\|\phi-\theta_0\|_2`). By default it measures the slow
@@ -65,7 +65,7 @@ class ProbeCallback(TrainerCallback):  # type: ignore[misc]
         params: the probed parameters: a module, tensors, or a callable
             ``model -> module | tensors`` (e.g. ``lambda m: m.bert.encoder``); default all
             trainable parameters.
-        mode, sketch_dim, seed, max_memory_bytes: those of :class:`TaskGradientProbe`.
+        mode, sketch_dim, seed, max_memory_bytes: those of :class:`~torch_seqreptile.probes.TaskGradientProbe`.
         reference: theta_0 for the l2 distance (a module or a mapping name -> tensor,
             compared on the names both hold); default a copy of the model's parameters taken
             when training begins. When resuming, pass it: the default would be the resumed

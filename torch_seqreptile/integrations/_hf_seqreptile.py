@@ -10,7 +10,7 @@ holds, besides the Trainer's own files:
   ``slow_weight`` merged into every tracked parameter's entry, the param groups with the outer
   hyperparameters and ``trajectory_step``), loadable into any ``SeqReptile`` built around the
   same inner optimizer;
-* :data:`FAST_WEIGHTS_NAME`: the fast weights theta of the running trajectory, parameter
+* :data:`~torch_seqreptile.integrations.transformers.FAST_WEIGHTS_NAME`: the fast weights theta of the running trajectory, parameter
   name -> tensor, for the parameters SeqReptile tracks (theta = phi for the others).
 """
 
@@ -48,7 +48,9 @@ FAST_WEIGHTS_NAME = "seqreptile_fast_weights.safetensors"
 class SeqReptileTrainer(TaskSamplingTrainer):
     r"""``transformers.Trainer`` training with Sequential Reptile on single-task batches.
 
-    Args (besides the ``Trainer``'s own, all keyword-only):
+    Besides the ``Trainer``'s own arguments, all keyword-only:
+
+    Args:
         inner_steps: K, optimizer steps per outer update (paper: 1000).
         outer_lr: :math:`\eta` in [0, 1] (paper: 0.1).
         task_sizes: N_t of each task in the order of ``train_dataset``; default: the sizes of
@@ -58,9 +60,9 @@ class SeqReptileTrainer(TaskSamplingTrainer):
             ``args.seed``.
         num_batches: batches per Trainer epoch; default sum(N_t) // batch size, rounded down
             to a multiple of ``gradient_accumulation_steps``.
-        finalize: at ``max_steps``, end the current trajectory (:meth:`SeqReptile.outer_step`)
+        finalize: at ``max_steps``, end the current trajectory (:meth:`~torch_seqreptile.SeqReptile.outer_step`)
             so the model holds phi when training stops.
-        seqreptile_kwargs: further keyword arguments of :class:`SeqReptile`
+        seqreptile_kwargs: further keyword arguments of :class:`~torch_seqreptile.SeqReptile`
             (``outer_momentum``, ``reset_inner_state``, ``slow_device``, ...).
 
     The optimizer is the Trainer's usual one (``args.optim``) or the inner optimizer given
@@ -69,7 +71,7 @@ class SeqReptileTrainer(TaskSamplingTrainer):
     parameter name).
 
     Checkpoints: the model file holds phi, ``optimizer.pt`` is ``SeqReptile.state_dict()``
-    and :data:`FAST_WEIGHTS_NAME` holds theta; ``train(resume_from_checkpoint=...)`` puts
+    and :data:`~torch_seqreptile.integrations.transformers.FAST_WEIGHTS_NAME` holds theta; ``train(resume_from_checkpoint=...)`` puts
     theta back into the model after the Trainer has loaded the model (phi) and the optimizer.
     """
 
@@ -116,7 +118,7 @@ class SeqReptileTrainer(TaskSamplingTrainer):
 
     @property
     def seqreptile(self) -> SeqReptile | None:
-        """The :class:`SeqReptile` wrapper once the optimizer exists, else ``None``."""
+        """The :class:`~torch_seqreptile.SeqReptile` wrapper once the optimizer exists, else ``None``."""
         found = find_slow_optimizer(self.optimizer)
         return found if isinstance(found, SeqReptile) else None
 
@@ -164,7 +166,7 @@ class SeqReptileTrainer(TaskSamplingTrainer):
     # ------------------------------------------------------------------ checkpoints
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         """The Trainer's ``optimizer.pt`` (``SeqReptile.state_dict()``) and scheduler, then
-        theta in :data:`FAST_WEIGHTS_NAME`."""
+        theta in :data:`~torch_seqreptile.integrations.transformers.FAST_WEIGHTS_NAME`."""
         super()._save_optimizer_and_scheduler(output_dir)
         self._save_fast_weights(output_dir)
 

@@ -103,12 +103,14 @@ class SurgeryTrainer(TaskSamplingTrainer):
     order, GradVac targets, GradNorm weights) goes into every checkpoint's ``optimizer.pt``
     and a resumed run continues exactly.
 
-    Args (besides the ``Trainer``'s own, all keyword-only):
+    Besides the ``Trainer``'s own arguments, all keyword-only:
+
+    Args:
         method: a :class:`~torch_seqreptile.surgery.GradientCombiner` subclass (e.g.
             ``PCGrad``), built as ``method(optimizer, num_tasks=tasks_per_step, **method_kwargs)``
             (plus ``seed=args.seed`` for PCGrad/GradVac and ``layers=model`` for GradVac unless
-            given), or a callable
-            ``optimizer -> GradientCombiner`` that wraps the optimizer it is given.
+            given), or a callable ``optimizer -> GradientCombiner`` that wraps the optimizer
+            it is given.
         tasks_per_step: tasks in each batch (paper: 8; capped at the number of non-empty
             tasks). GradVac and GradNorm keep per-task state, so they need every task in every
             batch (``tasks_per_step >= T``).

@@ -53,10 +53,11 @@ from __future__ import annotations
 
 from torch_seqreptile.integrations._hf_common import find_slow_optimizer, find_surgery_optimizer
 from torch_seqreptile.integrations._hf_probes import ProbeCallback
-from torch_seqreptile.integrations._hf_seqreptile import SeqReptileTrainer
+from torch_seqreptile.integrations._hf_seqreptile import FAST_WEIGHTS_NAME, SeqReptileTrainer
 from torch_seqreptile.integrations._hf_surgery import SurgeryTrainer, per_example_cross_entropy
 
 __all__ = [
+    "FAST_WEIGHTS_NAME",
     "ProbeCallback",
     "SeqReptileTrainer",
     "SurgeryTrainer",

@@ -163,6 +163,17 @@ class TaskGradientProbe:
     coordinate) and :math:`T\cdot m` float64 numbers. Measured error against exact mode on
     all-MiniLM-L6-v2, and time against exact mode: ``docs/probes.md``.
 
+    Example:
+        Two tasks whose gradients are opposite:
+
+        >>> import torch
+        >>> from torch_seqreptile.probes import TaskGradientProbe
+        >>> layer = torch.nn.Linear(2, 1)
+        >>> out = layer(torch.ones(1, 2)).sum()
+        >>> result = TaskGradientProbe(layer)([out, -out])
+        >>> result.cosine.tolist(), result.mean_cosine
+        ([[1.0, -1.0], [-1.0, 1.0]], -1.0)
+
     Args:
         model: the module whose forward the loss callables run; it is put in eval mode for
             those forward passes (``eval_mode=True``) and its flags are restored.

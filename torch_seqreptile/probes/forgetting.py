@@ -50,6 +50,15 @@ def l2_distance(
     Args:
         strict: every parameter of ``model`` must be in ``reference`` (``ValueError`` naming
             the first missing one). With ``False`` only the names both hold are compared.
+
+    >>> import copy, torch
+    >>> from torch_seqreptile.probes import l2_distance
+    >>> model = torch.nn.Linear(2, 2)
+    >>> before = copy.deepcopy(model.state_dict())
+    >>> with torch.no_grad():
+    ...     model.weight += torch.tensor([[3.0, 0.0], [0.0, 4.0]])
+    >>> round(l2_distance(model, before), 6)  # the float32 weights round the 3 and 4
+    5.0
     """
     ours = _named_tensors(model, "model")
     theirs = _named_tensors(reference, "reference")

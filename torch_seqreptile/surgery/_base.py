@@ -1,7 +1,7 @@
 """Shared bases of the multi-task gradient-combination optimizers (``torch_seqreptile.surgery``).
 
 :class:`GradientCombiner` holds what every method shares: the ``backward(losses)`` checks,
-``num_tasks``, the state dict and ``step``. :class:`GramianCombiner` (all methods but MTL)
+``num_tasks``, the state dict and ``step``. :class:`~torch_seqreptile.surgery.GramianCombiner` (all methods but MTL)
 fills ``.grad`` from per-task gradients:
 
 1. per-task gradients ``g_t = torch.autograd.grad(loss_t, params, allow_unused=True)``, one
@@ -14,7 +14,7 @@ fills ``.grad`` from per-task gradients:
    (:func:`torch_seqreptile._gramian.add_gramian_`, a bounded chunk at a time);
 4. the method turns the Gramians into weights ``W[block, t]`` (a small float64 problem on the
    CPU, invariant to the scale of the gradients), and every shared parameter gets
-   ``sum_t W[block, t] g_t``; a head gets its task's gradient (times :meth:`_head_scale`, 1
+   ``sum_t W[block, t] g_t``; a head gets its task's gradient (times ``_head_scale``, 1
    except for GradNorm); unused parameters keep their ``.grad``. Results are *added* to
    ``.grad`` like ``Tensor.backward`` does.
 
@@ -106,7 +106,7 @@ class TaskGramians:
 class GradientCombiner(OptimizerWrapper):
     """Wraps an optimizer; ``backward(losses)`` writes a combination of task gradients.
 
-    Subclasses implement :meth:`_combine` (``MTL``) or derive from :class:`GramianCombiner`.
+    Subclasses implement ``_combine`` (``MTL``) or derive from :class:`~torch_seqreptile.surgery.GramianCombiner`.
 
     Args:
         optimizer: any ``torch.optim.Optimizer``.
@@ -180,7 +180,7 @@ class GradientCombiner(OptimizerWrapper):
         return {}
 
     def _load_extra_state(self, state: dict[str, Any]) -> Callable[[], None]:
-        """Validate :meth:`_extra_state`; return the function that restores it."""
+        """Validate ``_extra_state``; return the function that restores it."""
         return lambda: None
 
     # ------------------------------------------------------------------ internals
@@ -273,8 +273,8 @@ class GradientCombiner(OptimizerWrapper):
 class GramianCombiner(GradientCombiner):
     """A method that weights the task gradients by a function of their Gramians.
 
-    Subclasses implement :meth:`_update` (and optionally :meth:`_blocks`,
-    :meth:`_head_scale`, :meth:`_extra_state`, :meth:`_load_extra_state`).
+    Subclasses implement ``_update`` (and optionally ``_blocks``,
+    ``_head_scale``, ``_extra_state``, ``_load_extra_state``).
     """
 
     def _update(self, problem: TaskGramians) -> Array:

@@ -77,7 +77,7 @@ def cagrad_weights(gram: Array, c: float, rescale: int = 1, iterations: int = 10
     :math:`h'(s) = \frac r2 (1 - \|g_{w(s)}\|^2/s^2)`, so s* is found by bisection on the sign
     of :math:`s - \|g_{w(s)}\|` in :math:`[0, \max_t \|g_t\|]` to relative 2⁻¹⁰⁰. Usually
     the support of w is found first from a few guesses of s and the optimum is then computed
-    in closed form on it and verified by its KKT conditions (:func:`_on_support`); the
+    in closed form on it and verified by its KKT conditions (``_on_support``); the
     bisection is the fallback.
     Degenerate case: if the optimum has :math:`g_w = 0` (s* = 0, possible only when 0 lies
     in the convex hull of the task gradients, i.e. they are Pareto-stationary) line 4 is

@@ -42,7 +42,7 @@ def min_norm_weights(gram: Array, max_iter: int = 1000) -> Array:
     the problem of Sener & Koltun's Frank–Wolfe solver (their Algorithm 2), but terminates
     with the exact point instead of approaching it.
 
-    Scale-invariant: it runs on :math:`G/\max_t G_{tt}` (:func:`normalized_gramian`), so the
+    Scale-invariant: it runs on :math:`G/\max_t G_{tt}` (``normalized_gramian``), so the
     weights of :math:`cG` are those of G for every c > 0; all-zero gradients give uniform
     weights (every point of the hull is then 0).
     """

@@ -56,6 +56,18 @@ class PCGrad(GramianCombiner):
         seed: seed of the projection order.
         error_if_nonfinite: see :class:`~torch_seqreptile.surgery.GradientCombiner`.
 
+    Example:
+        Two conflicting task gradients, :math:`g_1 = (1, 0)` and :math:`g_2 = (-1, 1)`:
+
+        >>> import torch
+        >>> from torch_seqreptile.surgery import PCGrad
+        >>> w = torch.nn.Parameter(torch.zeros(2))
+        >>> opt = PCGrad(torch.optim.SGD([w], lr=0.1), num_tasks=2, seed=0)
+        >>> opt.backward([w @ torch.tensor([1.0, 0.0]), w @ torch.tensor([-1.0, 1.0])])
+        >>> w.grad.tolist()  # (g_1 + g_2 / 2) + (g_2 + g_1): each projected off the other
+        [0.5, 1.5]
+        >>> opt.step()
+
     Cost: T backward passes, T gradients of the shared parameters in memory, the Gramian
     (T² inner products) and an O(T³) loop on the CPU.
     """
