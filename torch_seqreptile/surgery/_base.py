@@ -11,7 +11,8 @@ fills ``.grad`` from per-task gradients:
    none does. A task that does not reach a shared parameter contributes zeros there;
 3. per block of shared parameters (one block for most methods, one per layer for GradVac) the
    T×T Gramian ``G[i, j] = <g_i, g_j>`` is accumulated in float64
-   (:func:`torch_seqreptile._gramian.add_gramian_`, a bounded chunk at a time);
+   (:func:`torch_seqreptile._gramian.add_gramian_`, a bounded chunk at a time, the chunk's
+   products in float32 unless the gradients are float64);
 4. the method turns the Gramians into weights ``W[block, t]`` (a small float64 problem on the
    CPU, invariant to the scale of the gradients), and every shared parameter gets
    ``sum_t W[block, t] g_t``; a head gets its task's gradient (times ``_head_scale``, 1
@@ -373,7 +374,8 @@ class GramianCombiner(GradientCombiner):
                     num_blocks, num_tasks, num_tasks, dtype=torch.float64, device=device
                 )
             gram = torch.zeros(len(tasks), len(tasks), dtype=torch.float64, device=device)
-            add_gramian_(gram, flats, chunk)  # type: ignore[arg-type]
+            products = torch.float64 if flats[0].dtype == torch.float64 else torch.float32  # type: ignore[union-attr]
+            add_gramian_(gram, flats, chunk, products)  # type: ignore[arg-type]
             index = torch.tensor(tasks, device=device)
             per_device[device][block_of[k]].index_put_(
                 (index[:, None], index[None, :]), gram, accumulate=True
