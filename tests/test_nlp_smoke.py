@@ -401,6 +401,7 @@ def test_campaign_jobs_are_valid_runner_commands(monkeypatch: pytest.MonkeyPatch
     from benchmarks.nlp import campaign as C
 
     monkeypatch.setattr(C, "chosen_setting", lambda: (100, 0.5))
+    monkeypatch.setattr(C, "chosen_lr", lambda method: {"mtl": "5e-4"}.get(method, "3e-4"))
     jobs = C.jobs()
     assert len({j.out for j in jobs}) == len(jobs)
     for job in jobs:
@@ -408,6 +409,19 @@ def test_campaign_jobs_are_valid_runner_commands(monkeypatch: pytest.MonkeyPatch
             continue
         cfg, _ = R.build_config(R.parse_args(C._argv(job)[3:-2]))
         assert job.name.startswith(cfg.method)
+        if job.group == "lr":  # tuned on dev only, on a seed no table reports
+            assert cfg.dev_only and cfg.seed == C.LR_SEED and cfg.probe == "none"
+            assert f"_lr{cfg.lr:.0e}".replace("e-0", "e-") in job.name
+        if job.group == "tuned":
+            assert cfg.lr == (5e-4 if cfg.method == "mtl" else 3e-4)
+            assert cfg.seed in C.TUNED_SEEDS and C.LR_SEED not in C.TUNED_SEEDS
+            assert C._lr_out(cfg.method, "1e-4") in job.needs
+        if job.group == "long_seeds":
+            assert cfg.curve_zero_shot and cfg.budget == 5000 and cfg.lr == 1e-4
+        if cfg.method == "seqreptile" and job.group in ("lr", "tuned", "long_seeds"):
+            assert (cfg.inner_steps, cfg.outer_lr) == (
+                (250, 0.5) if job.group == "long_seeds" else (100, 0.5)
+            )
         if cfg.method == "reptile":  # one outer update costs K computations in both
             seqreptile = 250 if job.group == "long" else 100
             assert cfg.inner_steps == seqreptile // len(cfg.train_tasks)
@@ -421,7 +435,7 @@ def test_campaign_jobs_are_valid_runner_commands(monkeypatch: pytest.MonkeyPatch
 @pytest.mark.parametrize(
     ("argv", "message"),
     [(["--workers", "0"], "--workers: expected a count >= 1"),
-     (["--only", "balanced", "nope"], "--only: unknown groups ['nope']")],
+     (["--group", "balanced", "nope"], "--group: unknown groups ['nope']")],
 )  # fmt: skip
 def test_campaign_rejects_bad_arguments(
     argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
@@ -431,3 +445,95 @@ def test_campaign_rejects_bad_arguments(
     with pytest.raises(SystemExit):
         C.main([*argv, "--dry-run"])
     assert message in capsys.readouterr().err
+
+
+def test_config_records_the_scoring_and_the_caps(
+    tmp_path: Path, data_dir: Path, model_dir: Path
+) -> None:
+    """A JSON alone says how it was scored: the scoring, the data caps, and per sentence
+    the entity counts a bootstrap needs; ``f1_truncated`` is the scoring before issue 17."""
+    caps = ["--max-eval-examples", "4", "--max-test-examples", "5", "--max-length", "8"]
+    result = _run(tmp_path, data_dir, model_dir, "masakhaner", "mtl", *caps)
+    cfg = result["config"]
+    assert cfg["eval_scoring"] == R.eval_scoring("ner", 8)
+    assert cfg["eval_scoring"]["window"] == 8 and cfg["eval_scoring"]["stride"] == 4
+    assert (cfg["max_eval_examples"], cfg["max_test_examples"]) == (4, 5)
+    rec = result["runs"]["all"]
+    assert set(rec["curve"][-1]["dev"]["hau"]) == {"f1", "f1_truncated"}
+    for block in (rec["end"], rec["best_dev"]):
+        counts = block["sentences"]["test"]["hau"].split()
+        assert len(counts) == 5 and all(len(c.split("/")) == 3 for c in counts)
+        assert set(block["sentences"]["zero_shot"]) == {"pcm"}
+    assert 0 < rec["eval_seconds"] < rec["wall_seconds"]
+
+
+def test_curve_zero_shot_and_dev_only(tmp_path: Path, data_dir: Path, model_dir: Path) -> None:
+    result = _run(tmp_path, data_dir, model_dir, "masakhaner", "sequential", "--curve-zero-shot")
+    assert all(set(p["zero_shot"]) == {"pcm"} for p in result["runs"]["all"]["curve"])
+    tuning = _run(tmp_path, data_dir, model_dir, "masakhaner", "mtl", "--dev-only")
+    rec = tuning["runs"]["all"]
+    assert rec["end"] == {} and set(rec["best_dev"]) == {"grad_computations", "dev_mean"}
+    assert tuning["config"]["dev_only"] and "zero_shot" not in rec["curve"][-1]
+
+
+@pytest.mark.parametrize(
+    ("method", "kind", "steps", "computations"),
+    [("stl", "AdamW", 8, 1), ("mtl", "MTL", 4, 2), ("recadam", "MTL", 4, 2),
+     ("pcgrad", "PCGrad", 4, 2), ("gradvac", "GradVac", 4, 2), ("gradnorm", "GradNorm", 4, 2),
+     ("reptile", "Reptile", 8, 1), ("seqreptile", "SeqReptile", 8, 1),
+     ("sequential", "SeqReptile", 8, 1)],
+)  # fmt: skip
+def test_method_table(
+    data_dir: Path, model_dir: Path, method: str, kind: str, steps: int, computations: int
+) -> None:
+    """Each method's optimizer, optimizer steps of a budget of 8 computations on two tasks,
+    and computations of one step (a batch per task for the MTL family, one otherwise)."""
+    argv = ["--task", "masakhaner", "--method", method, "--model", str(model_dir),
+            "--data-dir", str(data_dir), "--source", "local", "--budget", "8",
+            "--batch-size", "4", "--inner-steps", "2", *TASK_ARGS["masakhaner"]]  # fmt: skip
+    args = R.parse_args(argv)
+    cfg, preset = R.build_config(args)
+    encoder, tokenizer = R.load_encoder(args.model)
+    data = R.load_data(args, preset, encoder, tokenizer)
+    family = R.METHOD_TABLE[method]
+    model = R.TaskModel(encoder, "ner", len(data.tags))
+    opt = family.optimizer(cfg, model, 2)
+    assert type(opt).__name__ == kind
+    if method == "recadam":
+        assert type(opt.optimizer).__name__ == "RecAdam"
+    if kind == "SeqReptile":
+        expected = 1.0 if method == "sequential" else cfg.outer_lr
+        assert all(g["outer_lr"] == expected for g in opt.param_groups)
+    assert family.steps(cfg, 2) == steps
+    batcher = R.Batcher(data, cfg.batch_size, tokenizer.pad_token_id, cfg.padding, cfg.seed)
+    indices = next(iter(family.sampler(cfg, [len(f) for f in data.train], steps)))
+    assert family.train_step(opt, model, batcher, batcher.split(indices), False) == computations
+    assert family.per_task == (method == "stl")
+
+
+def test_results_page_generator_with_bootstrap_and_matched_zero_shot(
+    tmp_path: Path, data_dir: Path, model_dir: Path
+) -> None:
+    """Runs of issue 17 (per-sentence counts, zero-shot curves) give bootstrap intervals
+    and zero-shot F1 at matched dev F1; a page's regions are filled and then up to date."""
+    from benchmarks.nlp import write_results as W
+
+    group = tmp_path / "results" / "g"
+    group.mkdir(parents=True)
+    for method in ("seqreptile", "sequential"):
+        for seed in (0, 1):
+            result = _run(tmp_path, data_dir, model_dir, "masakhaner", method, "--seed",
+                          str(seed), "--curve-zero-shot", "--max-length", "8")  # fmt: skip
+            (group / f"{method}_seed{seed}.json").write_text(json.dumps(result))
+    spec = W.Group("g", pairs=(("seqreptile", "sequential"),))
+    tables = W.group_tables(spec, tmp_path / "results")
+    assert set(tables) == {"g", "g-best_dev", "g-paired", "g-matched", "g-plateau"}
+    assert "every word scored (windows of 8 tokens, stride 4)" in tables["g"]
+    assert "unavailable" not in tables["g-paired"]
+    assert "| pcm |" in tables["g-paired"] and "seeds 0, 1" in tables["g-paired"]
+    assert "unavailable" not in tables["g-matched"] and "| pcm |" in tables["g-matched"]
+    page = tmp_path / "page.md"
+    page.write_text("# t\n\n<!-- results:runs -->\n<!-- /results:runs -->\n")
+    assert W.main(["--results", str(tmp_path / "results"), "--page", str(page)]) == 0
+    assert "| lr | – |" in page.read_text()
+    assert W.main(["--results", str(tmp_path / "results"), "--page", str(page), "--check"]) == 0

@@ -1,6 +1,6 @@
 """The offline MasakhaNER reproduction of issue #7: every run, in priority order, on N workers.
 
-    python -m benchmarks.nlp.campaign [--workers 2] [--only balanced ...] [--dry-run]
+    python -m benchmarks.nlp.campaign [--workers 2] [--group balanced ...] [--dry-run]
 
 Each run is one call of :mod:`benchmarks.nlp.run` writing one JSON file under
 ``benchmarks/results/nlp/<group>/``. Runs whose file exists are skipped, so the campaign
@@ -23,6 +23,46 @@ Groups (see ``docs/results.md``):
   1000 per language), the four headline methods, seed 0.
 * ``long``: the balanced tasks for 5000 gradient computations (MTL: 1000 steps), K = 250
   and eta = 0.5 for SeqReptile (K = 50 for Reptile), seed 0.
+
+Every group above was scored by the runner before issue 17 (sentences cut at 64 sub-words,
+the cut-off words counted as O). The groups of issue 17 are scored on every word
+(``benchmarks.nlp.run.eval_scoring``; their JSONs record it in ``config.eval_scoring``):
+
+* ``lr``: learning-rate tuning on dev only, balanced tasks, 1000 computations, seed 100
+  (never a reported seed), ``--dev-only --probe none``: MTL, the sequential control and
+  SeqReptile (the sweep's K and eta) each at 1e-4, 3e-4 and 5e-4. Each method's rate is
+  the one of its highest best dev F1 (:func:`chosen_lr`).
+* ``tuned``: the balanced comparison of MTL, the control and SeqReptile at their chosen
+  rates, seeds 1-3 (neither the sweep's seed 0, which chose K and eta, nor the tuning
+  seed; no run is copied from another group).
+* ``long_seeds``: the long run with zero-shot scores at every evaluation point
+  (``--curve-zero-shot``), learning rate 1e-4 as in ``long``: SeqReptile (K = 250,
+  eta = 0.5) and the equal-steps control for seeds 1 and 2, then both for seed 0 again
+  (so that all three seeds share the scoring), then MTL for seeds 1, 2, 0.
+
+Machine time, estimated from the committed JSONs' seconds per gradient computation
+(0.42-0.47 s at one thread beside a second run) plus evaluation measured on this machine
+for the new scoring (one thread, bf16: 10.8 s per dev pass of 5 x 200 sentences, 21 s per
+zero-shot pass, about 42 s per test pass; windows add 55 % tokens to dev, 74 % to test and
+31 % to the zero-shot sets), about 30 s of loading, and the task-gradient probe (about 10 s
+per point; with it the same estimate gives the 47 minutes a ``long`` run took before):
+
+==========================================  ====  =========  ===============  ============
+group                                       runs  min / run  machine, min     wall, 2 wkrs
+==========================================  ====  =========  ===============  ============
+``lr``                                      9     10         90               45 min
+``tuned``                                   9     14         126              1 h 05
+``long_seeds``: SeqReptile, control, s1-2   4     56         224              1 h 55
+``long_seeds``: SeqReptile, control, s0     2     56         112              1 h
+``long_seeds``: MTL, s0-2                   3     54         162              1 h 25
+==========================================  ====  =========  ===============  ============
+
+``lr`` and ``tuned`` together take about 1 h 50 of wall time (a ``tuned`` run starts as
+soon as its method's three ``lr`` runs are done); the four runs of ``long_seeds`` seeds 1-2
+another 1 h 55, so the issue's minimum is about 3 h 45 of the two cores. Each long run
+spends about 7 minutes of its 56 scoring the zero-shot sets at its 21 evaluation points.
+New JSONs record ``eval_seconds`` and ``wall_seconds`` per run, so later estimates can use
+measured figures.
 """
 
 from __future__ import annotations
@@ -59,6 +99,10 @@ WIKIANN = [
 LONG = ["--task", "masakhaner", "--budget", "5000", "--eval-every", "250"]
 SWEEP = [(100, 0.1), (100, 0.5), (25, 0.5)]  # (K, eta)
 SEEDS = [0, 1, 2]
+LR_GRID = ["1e-4", "3e-4", "5e-4"]
+LR_SEED = 100  # the tuning seed, never a reported one
+TUNED_METHODS = ["mtl", "sequential", "seqreptile"]
+TUNED_SEEDS = [1, 2, 3]
 
 
 @dataclass
@@ -86,6 +130,23 @@ def chosen_setting() -> tuple[int, float]:
         score = max(point["dev_mean"] for point in curve)
         if best is None or score > best[0]:
             best = (score, (k, eta))
+    assert best is not None
+    return best[1]
+
+
+def _lr_out(method: str, lr: str) -> Path:
+    return RESULTS / "lr" / f"{method}_lr{lr}_seed{LR_SEED}.json"
+
+
+def chosen_lr(method: str) -> str:
+    """The learning rate of ``LR_GRID`` with ``method``'s highest best dev F1 in the ``lr``
+    group (ties: the first in ``LR_GRID``)."""
+    best: tuple[float, str] | None = None
+    for lr in LR_GRID:
+        curve = json.loads(_lr_out(method, lr).read_text())["runs"]["all"]["curve"]
+        score = max(point["dev_mean"] for point in curve)
+        if best is None or score > best[0]:
+            best = (score, lr)
     assert best is not None
     return best[1]
 
@@ -155,9 +216,51 @@ def jobs() -> list[Job]:
     for seed in SEEDS[1:]:
         headline("wikiann", WIKIANN, seed, num_tasks=3)
     baselines("wikiann", WIKIANN, num_tasks=3)
+    out += _issue17_jobs(sweep)
     for seed in SEEDS[1:]:
         headline("imbalanced", IMBALANCED, seed)
     return out
+
+
+def _issue17_jobs(sweep: list[Path]) -> list[Job]:
+    """The groups ``lr``, ``tuned`` and ``long_seeds`` (see the module docstring)."""
+    out = []
+    for method in TUNED_METHODS:
+        needs = sweep if method == "seqreptile" else []
+        for lr in LR_GRID:
+            fixed = [*BALANCED, "--method", method, "--lr", lr, "--seed", str(LR_SEED),
+                     "--dev-only", "--probe", "none"]  # fmt: skip
+            args = _join(fixed, _reptile_args(method, len(LANGS))) if needs else fixed
+            out.append(Job("lr", _lr_out(method, lr).stem, args, needs=needs))
+    for seed in TUNED_SEEDS:
+        for method in TUNED_METHODS:
+            fixed = [*BALANCED, "--method", method, "--seed", str(seed)]
+            extra = _tuned_args(method)
+            needs = [_lr_out(method, lr) for lr in LR_GRID]
+            needs += sweep if method == "seqreptile" else []
+            out.append(Job("tuned", f"{method}_seed{seed}", _join(fixed, extra), needs=needs))
+    long_runs = {
+        "seqreptile": ["--inner-steps", "250", "--outer-lr", "0.5"],
+        "sequential": [],
+        "mtl": [],
+    }
+    order = [(m, s) for s in (1, 2, 0) for m in ("seqreptile", "sequential")]
+    order += [("mtl", s) for s in (1, 2, 0)]
+    for method, seed in order:
+        args = [*LONG, "--method", method, *long_runs[method], "--seed", str(seed),
+                "--curve-zero-shot"]  # fmt: skip
+        out.append(Job("long_seeds", f"{method}_seed{seed}", args))
+    return out
+
+
+def _tuned_args(method: str) -> Callable[[], list[str]]:
+    """``--lr`` of the ``lr`` group's choice (and SeqReptile's K and eta of the sweep)."""
+
+    def args() -> list[str]:
+        lr = ["--lr", chosen_lr(method)]
+        return [*lr, *_reptile_args(method, len(LANGS))()] if method == "seqreptile" else lr
+
+    return args
 
 
 def _join(fixed: list[str], extra: Callable[[], list[str]]) -> Callable[[], list[str]]:
@@ -185,7 +288,7 @@ def _argv(job: Job) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--only", nargs="+", default=None, help="groups to run")
+    ap.add_argument("--only", "--group", nargs="+", default=None, help="groups to run")
     ap.add_argument("--dry-run", action="store_true", help="list the pending runs")
     args = ap.parse_args(argv)
     groups = dict.fromkeys(j.group for j in jobs())
@@ -193,13 +296,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         ap.error(f"--workers: expected a count >= 1, got {args.workers}")
     unknown = [g for g in args.only or [] if g not in groups]
     if unknown:
-        ap.error(f"--only: unknown groups {unknown}; choose from {list(groups)}")
+        ap.error(f"--group: unknown groups {unknown}; choose from {list(groups)}")
     todo = [j for j in jobs() if not j.out.exists() and (args.only is None or j.group in args.only)]
     elsewhere = {j.out for j in todo if _running_elsewhere(j)}
     pending = [j for j in todo if j.out not in elsewhere]
     if args.dry_run:
         for j in pending:
-            print(j.group, j.name, "(after the sweep)" if j.needs else "")
+            after = sorted({p.parent.name for p in j.needs if not p.exists()})
+            print(j.group, j.name, f"(after {', '.join(after)})" if after else "")
         for out in sorted(elsewhere):
             print(out.parent.name, out.stem, "(running in another campaign)")
         return

@@ -35,6 +35,11 @@ def label(config: dict[str, Any]) -> str:
     return name
 
 
+def rate(lr: float) -> str:
+    """A learning rate as ``1e-4``."""
+    return f"{lr:.0e}".replace("e-0", "e-")
+
+
 def _mean_metric(block: dict[str, dict[str, float]], metric: str) -> float | None:
     values = [v[metric] for v in block.values() if metric in v]
     return statistics.fmean(values) if values else None
@@ -81,7 +86,8 @@ def summarise_run(run: dict[str, Any]) -> dict[str, Any]:
 
 def load(folder: Path) -> dict[str, list[dict[str, Any]]]:
     """label -> the runs (JSON objects) of that method in the folder, ordered by seed; the
-    methods in the paper's row order."""
+    methods in the paper's row order. Runs of one method at several learning rates (the
+    ``lr`` group) get one label per rate."""
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for path in sorted(folder.glob("*.json")):
         if path.name == "summary.json":
@@ -89,6 +95,12 @@ def load(folder: Path) -> dict[str, list[dict[str, Any]]]:
         run = json.loads(path.read_text())
         if "runs" in run:
             groups[label(run["config"])].append(run)
+    for name, runs in list(groups.items()):  # a learning-rate grid: one row per rate
+        rates = sorted({r["config"]["lr"] for r in runs})
+        if len(rates) > 1:
+            del groups[name]
+            for lr in rates:
+                groups[f"{name}, lr {rate(lr)}"] = [r for r in runs if r["config"]["lr"] == lr]
     for runs in groups.values():
         runs.sort(key=lambda r: r["config"]["seed"])
     order = list(ROW_NAMES)  # the paper's row order

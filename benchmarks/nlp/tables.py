@@ -130,6 +130,13 @@ def scores_by_language(run: dict[str, Any], at: str, split: str) -> dict[str, di
     return out
 
 
+def language_columns(task: str, ran: set[str]) -> list[str]:
+    """The languages of a table: those run, in the paper's order, then the others sorted
+    (all of the paper's when none was run); Avg. is over these columns, the paper's too."""
+    paper = PAPER[task]["langs"]
+    return [x for x in paper if x in ran or not ran] + sorted(ran - set(paper))
+
+
 def _fmt(values: list[float]) -> str:
     if not values:
         return "–"
@@ -147,8 +154,7 @@ def table(task: str, runs: list[dict[str, Any]], at: str, split: str | None = No
     for run in runs:
         by_method[run["config"]["method"]].append(scores_by_language(run, at, split))
     ran = {lang for m in by_method.values() for s in m for lang in s}
-    # the languages we ran, in the paper's order; Avg. is over these columns, the paper's too
-    langs = [x for x in spec["langs"] if x in ran or not ran] + sorted(ran - set(spec["langs"]))
+    langs = language_columns(task, ran)
     paper_column = {lang: i for i, lang in enumerate(spec["langs"])}
     metrics = spec["metric"].split("/")
     where = {"test": "test sets", "zero_shot": "zero-shot sets"}[split]

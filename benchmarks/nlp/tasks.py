@@ -196,12 +196,14 @@ class Feature:
     example: int = 0  # index of the source example (QA windows, NER words)
     offsets: list[tuple[int, int] | None] | None = None  # QA: context char spans
     word_ids: list[int | None] | None = None  # NER
+    context: list[int] | None = None  # NER windows: per token, its context (ner_windows)
 
 
 def ner_features(
     tokenizer: Any, sentences: Sequence[Sentence], tags: list[str], max_length: int
 ) -> list[Feature]:
-    """Label the first sub-word of each word; the others get -100."""
+    """Label the first sub-word of each word; the others get -100. Sentences longer than
+    ``max_length`` sub-words are cut (training features; evaluation uses :func:`ner_windows`)."""
     index = {t: i for i, t in enumerate(tags)}
     feats = []
     for n, (words, word_tags) in enumerate(sentences):
@@ -215,6 +217,101 @@ def ner_features(
             previous = w
         feats.append(Feature(enc["input_ids"], labels=labels, example=n, word_ids=word_ids))
     return feats
+
+
+def window_starts(length: int, size: int, stride: int) -> list[int]:
+    """Starts of the windows of ``size`` sub-words that cover a sentence of ``length``: one
+    every ``stride`` sub-words, the last one ending at the sentence's end (a single window
+    at 0 when the sentence fits)."""
+    starts = [0]
+    while starts[-1] + size < length:
+        starts.append(min(starts[-1] + stride, length - size))
+    return starts
+
+
+def ner_windows(
+    tokenizer: Any, sentences: Sequence[Sentence], tags: list[str], window: int, stride: int
+) -> list[Feature]:
+    """Evaluation features that cover every word of every sentence.
+
+    Each sentence is cut into windows of ``window`` tokens (special tokens included, i.e. the
+    training length), whose content starts ``stride`` sub-words apart (the last window ends
+    at the sentence's end, see :func:`window_starts`); labels as in :func:`ner_features`. A
+    sentence that fits gives one window, equal to its :func:`ner_features` feature, and the
+    first window of a longer one equals its truncated :func:`ner_features` feature.
+    ``context[p]`` is how much context token ``p`` has in its window: the sub-words the
+    window shows on its shorter side, where a side on which the window reaches the
+    sentence's start or end counts as the whole sentence (nothing is hidden there);
+    :func:`window_predictions` predicts each word from its window of most context.
+
+    Windows, not one longer input, because the fine-tuned model has seen inputs of at most
+    ``window`` tokens in training: every scored input stays within that length, for any
+    sentence length and any position limit of the encoder.
+    """
+    index = {t: i for i, t in enumerate(tags)}
+    feats = []
+    for n, (words, word_tags) in enumerate(sentences):
+        enc = tokenizer(list(words), is_split_into_words=True, verbose=False)
+        ids, word_ids = enc["input_ids"], enc.word_ids()
+        inside = [i for i, w in enumerate(word_ids) if w is not None]
+        first, last = (inside[0], inside[-1] + 1) if inside else (len(ids), len(ids))
+        labels, previous = [], None
+        for w in word_ids:
+            labels.append(-100 if w is None or w == previous else index.get(word_tags[w], 0))
+            previous = w
+        prefix, suffix = list(range(first)), list(range(last, len(ids)))
+        size = window - len(prefix) - len(suffix)
+        if size < 1:
+            raise ValueError(f"window {window} leaves no room beside the special tokens")
+        length = last - first
+        for start in window_starts(length, size, stride):
+            end = min(start + size, length)
+            left = [p - start if start > 0 else length for p in range(start, end)]
+            right = [end - 1 - p if end < length else length for p in range(start, end)]
+            rows = [*prefix, *range(first + start, first + end), *suffix]
+            context = [0] * len(prefix) + list(map(min, left, right)) + [0] * len(suffix)
+            feats.append(
+                Feature(
+                    [ids[i] for i in rows],
+                    labels=[labels[i] for i in rows],
+                    example=n,
+                    word_ids=[word_ids[i] for i in rows],
+                    context=context,
+                )
+            )
+    return feats
+
+
+def window_predictions(
+    feats: Sequence[Feature], logits: Sequence[torch.Tensor], num_words: Sequence[int]
+) -> tuple[list[list[int | None]], list[list[int | None]]]:
+    """Per sentence and word, the predicted tag id, read at the word's first sub-word
+    (``None``: the word has none, e.g. cut off).
+
+    ``(full, truncated)``: ``full`` from the window in which that sub-word has the most
+    context (``Feature.context``; ties: the earlier window), ``truncated`` from each
+    sentence's first window alone -- the scoring of the truncated features used before
+    issue 17. ``feats`` are :func:`ner_windows` features (a sentence's windows in order),
+    ``logits`` their per-token logits, ``num_words`` the sentences' word counts.
+    """
+    full: list[list[int | None]] = [[None] * k for k in num_words]
+    truncated: list[list[int | None]] = [[None] * k for k in num_words]
+    most = [[-1] * k for k in num_words]
+    seen: set[int] = set()
+    for f, lg in zip(feats, logits, strict=True):
+        opening = f.example not in seen
+        seen.add(f.example)
+        predicted = lg.argmax(-1).tolist()
+        for p, (label, w) in enumerate(zip(f.labels or [], f.word_ids or [], strict=True)):
+            if label == -100 or w is None:
+                continue
+            if opening:
+                truncated[f.example][w] = predicted[p]
+            context = f.context[p] if f.context else 0
+            if context > most[f.example][w]:
+                most[f.example][w] = context
+                full[f.example][w] = predicted[p]
+    return full, truncated
 
 
 def qa_features(

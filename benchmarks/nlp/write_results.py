@@ -1,0 +1,533 @@
+"""The tables of ``docs/results.md``, written from the runner's JSON files.
+
+    python -m benchmarks.nlp.write_results [--results benchmarks/results/nlp] [--check]
+
+The page holds generated regions, each between ``<!-- results:NAME -->`` and
+``<!-- /results:NAME -->``; this command replaces every region's content by the table NAME
+computed from the JSON files (the prose around the regions is not touched) and writes all
+tables, also those the page has no region for yet, to ``<results>/all_tables.md``.
+``--check`` writes nothing and exits with status 1 when the page is not up to date.
+
+Tables, for each campaign group ``G`` of :data:`GROUPS` (folder ``<results>/G``):
+
+* ``G``: :mod:`benchmarks.nlp.report`'s summary (mean ± std over seeds), and a line saying
+  how the runs were scored and with which learning rates;
+* ``G-best_dev`` / ``G-end``: :mod:`benchmarks.nlp.tables`' per-language tables, test and
+  zero-shot sets, at the best dev point / at the end;
+* ``G-paired``: for each pair (A, B) of the group, per language and for the average, the
+  difference A - B paired by seed, with a 95 % t interval over seeds and a 95 % paired
+  bootstrap interval over sentences (runs from issue 17 on record per-sentence entity
+  counts; older ones lack them: "unavailable");
+* ``G-matched``: each pair at matched training-language dev F1: per seed, the higher of
+  the two best dev F1s that both reach, the first point at which each curve reaches it
+  (linear interpolation between evaluation points), and there the l2 distance from the
+  pretrained encoder and the zero-shot F1 (only for runs made with ``--curve-zero-shot``);
+* ``G-plateau``: per run, the best dev F1, from which point on the curve stays within 1 F1
+  of it, its largest fall after the best point, and the best dev F1 of each half;
+* ``lr`` (the tuning grid, instead of the above): best dev F1 per method and learning
+  rate, and the rate chosen;
+
+and ``runs`` (which campaign runs are done) and ``speed`` (the table of
+:mod:`benchmarks.nlp.measure_speed`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import statistics
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.nlp import campaign, report
+from benchmarks.nlp import tables as TB
+from benchmarks.nlp.run import main_metric
+
+RESULTS = TB.RESULTS
+PAGE = Path(__file__).resolve().parents[2] / "docs" / "results.md"
+SPEED = RESULTS.parent / "nlp_speed.md"
+BOOTSTRAP_SAMPLES = 2000
+Run = dict[str, Any]
+Point = dict[str, Any]  # a curve point
+Pair = tuple[str, str]
+
+HEADLINE_PAIRS: tuple[Pair, ...] = (("seqreptile", "sequential"), ("seqreptile", "mtl"))
+
+
+@dataclass(frozen=True)
+class Group:
+    """A campaign group's tables: per-language tables at ``at``, ``pairs`` compared at
+    ``paired_at``."""
+
+    name: str
+    task: str = "masakhaner"
+    at: tuple[str, ...] = ("best_dev",)
+    pairs: tuple[Pair, ...] = HEADLINE_PAIRS
+    paired_at: tuple[str, ...] = ("best_dev",)
+
+
+GROUPS = [
+    Group("sweep", at=(), pairs=()),  # three settings of one method, not seeds
+    Group("balanced"),
+    Group("imbalanced"),
+    Group("long", at=("best_dev", "end")),
+    Group("wikiann", task="wikiann"),
+    Group("lr", pairs=()),
+    Group("tuned"),
+    Group("long_seeds", at=("best_dev", "end")),
+]
+
+
+# ------------------------------------------------------------------------ helpers
+def load_runs(folder: Path) -> list[Run]:
+    """The runner JSON files of a folder (not ``summary.json``), ordered by file name."""
+    return [
+        r for r in (json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))) if "runs" in r
+    ]
+
+
+def _name(method: str) -> str:
+    return TB.ROW_NAMES.get(method, method)
+
+
+def _signed(x: float) -> str:
+    return f"{x:+.1f}"
+
+
+def _interval(lo: float, hi: float) -> str:
+    return f"[{lo:+.1f}, {hi:+.1f}]"
+
+
+def seed_interval(diffs: Sequence[float]) -> str:
+    """95 % t interval of the mean of per-seed differences (``–`` with one seed)."""
+    if len(diffs) < 2:
+        return "– (one seed)"
+    from scipy.stats import t
+
+    mean = statistics.fmean(diffs)
+    half = float(t.ppf(0.975, len(diffs) - 1)) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return _interval(mean - half, mean + half)
+
+
+def parse_counts(text: str) -> np.ndarray:
+    """The runner's per-sentence ``correct/gold/predicted`` entity counts as an (n, 3) array."""
+    return np.array([[int(x) for x in cell.split("/")] for cell in text.split()], dtype=np.int64)
+
+
+def bootstrap_f1_differences(
+    pairs: Sequence[tuple[np.ndarray, np.ndarray]], samples: int, rng: np.random.Generator
+) -> np.ndarray:
+    """``samples`` paired bootstrap replicates of mean over seeds of F1(A) - F1(B) (percent).
+
+    ``pairs``: per seed, the (n, 3) count arrays of A and B on the same n sentences. Each
+    replicate draws n sentences with replacement, the same ones for every seed and both
+    methods, and recomputes the micro F1 = 2 * correct / (gold + predicted) of each.
+    """
+    n = len(pairs[0][0])
+    index = rng.integers(0, n, size=(samples, n))
+
+    def f1(counts: np.ndarray) -> np.ndarray:
+        c, g, p = (counts[:, k][index].sum(axis=1) for k in range(3))
+        return np.where(c > 0, 200.0 * c / np.maximum(g + p, 1), 0.0)
+
+    replicates: np.ndarray = np.stack([f1(a) - f1(b) for a, b in pairs]).mean(axis=0)
+    return replicates
+
+
+def crossing(values: Sequence[float], level: float) -> tuple[int, float] | None:
+    """Where a curve first reaches ``level``: ``(i, w)`` with the crossing at
+    ``(1 - w) * point[i - 1] + w * point[i]`` (``(0, 1.0)``: at the first point); ``None``
+    when it never does."""
+    for i, value in enumerate(values):
+        if value >= level:
+            if i == 0:
+                return 0, 1.0
+            return i, (level - values[i - 1]) / (value - values[i - 1])
+    return None
+
+
+def at_crossing(values: Sequence[float], where: tuple[int, float]) -> float:
+    """A curve's value (e.g. l2, zero-shot F1) at a :func:`crossing`."""
+    i, w = where
+    return values[i] if i == 0 else (1 - w) * values[i - 1] + w * values[i]
+
+
+def _curve(run: Run) -> list[dict[str, Any]]:
+    return list(run["runs"]["all"]["curve"])
+
+
+def _by_seed(runs: list[Run], method: str) -> dict[int, Run]:
+    return {r["config"]["seed"]: r for r in runs if r["config"]["method"] == method}
+
+
+def _paired_seeds(runs: list[Run], pair: Pair) -> list[tuple[int, Run, Run]]:
+    a, b = (_by_seed(runs, m) for m in pair)
+    return [(s, a[s], b[s]) for s in sorted(set(a) & set(b))]
+
+
+# --------------------------------------------------------------------------- tables
+def scoring(config: dict[str, Any]) -> str:
+    """How one run was scored and on which data caps, from its JSON config."""
+    caps = ""
+    if "eval_scoring" in config:
+        dev, test = config["max_eval_examples"], config["max_test_examples"]
+        caps = (
+            f"dev {'capped at ' + str(dev) if dev else 'all'} and test "
+            f"{'capped at ' + str(test) if test else 'all'} sentences per language"
+        )
+        s = config["eval_scoring"]
+        if s["mode"] == "windows" and config["kind"] == "ner":
+            return (
+                f"every word scored (windows of {s['window']} tokens, stride {s['stride']}), {caps}"
+            )
+        return f"{s['mode']} (window/length {s.get('window', s.get('max_length'))}), {caps}"
+    if config["kind"] == "ner":
+        return (
+            f"sentences cut at {config['max_length']} sub-words, the cut-off words counted "
+            "as O (runner before issue 17, which did not record the data caps)"
+        )
+    return "runner before issue 17 (data caps not recorded)"
+
+
+def provenance(runs: list[Run]) -> str:
+    """One line: the learning rates and the scoring of a group's runs."""
+    rates: dict[str, set[float]] = {}
+    for r in runs:
+        rates.setdefault(_name(r["config"]["method"]), set()).add(r["config"]["lr"])
+    every = {lr for v in rates.values() for lr in v}
+    if len(every) == 1:
+        lr_text = f"learning rate {report.rate(min(every))}"
+    else:
+        lr_text = "learning rates " + ", ".join(
+            f"{name} {'/'.join(report.rate(x) for x in sorted(v))}" for name, v in rates.items()
+        )
+    kinds: dict[str, int] = {}
+    for r in runs:
+        kinds[scoring(r["config"])] = kinds.get(scoring(r["config"]), 0) + 1
+    scored = "; ".join(
+        f"{text} ({n} runs)" if len(kinds) > 1 else text for text, n in kinds.items()
+    )
+    return f"*{len(runs)} runs; {lr_text}; scored: {scored}.*"
+
+
+def summary_table(folder: Path, runs: list[Run]) -> str:
+    """The group's summary table (:func:`benchmarks.nlp.report.markdown`) and its provenance."""
+    text = report.markdown(report.summarise(report.load(folder)))
+    return text.split("\n\n")[0] + "\n\n" + provenance(runs)
+
+
+def per_language(group: Group, runs: list[Run], at: str) -> str:
+    """The per-language tables at ``at``: test sets, and zero-shot sets where there are any."""
+    splits: list[str | None] = [None]
+    if group.task == "masakhaner" and any(r["preset"]["zero_shot_langs"] for r in runs):
+        splits.append("zero_shot")
+    parts = [TB.table(group.task, runs, at, split).replace("### ", "#### ", 1) for split in splits]
+    return "\n\n".join(parts)
+
+
+def _split_title(split: str) -> str:
+    return {"test": "test F1", "zero_shot": "zero-shot F1"}[split]
+
+
+def paired_table(task: str, runs: list[Run], pair: Pair, split: str, at: str) -> str:
+    """Per-language differences A - B of one split at ``at``, paired by seed (the
+    bootstrap seeded per table, so that each table reproduces on its own)."""
+    rng = np.random.default_rng(0)
+    seeds = _paired_seeds(runs, pair)
+    metric = main_metric(runs[0]["config"]["kind"])
+    scores = [tuple(TB.scores_by_language(r, at, split) for r in (ra, rb)) for _, ra, rb in seeds]
+    common = set.intersection(*(set(sa) & set(sb) for sa, sb in scores)) if scores else set()
+    if not common:
+        return ""
+    langs = TB.language_columns(task, common)
+
+    def counts(run: Run, lang: str) -> np.ndarray | None:
+        rec = run["runs"]["all"]
+        text = (rec.get(at) or rec["end"]).get("sentences", {}).get(split, {}).get(lang)
+        return None if text is None else parse_counts(text)
+
+    replicates: dict[str, np.ndarray | None] = {}
+    for lang in langs:
+        found = [(counts(ra, lang), counts(rb, lang)) for _, ra, rb in seeds]
+        both = [(a, b) for a, b in found if a is not None and b is not None]
+        sizes = {len(a) for a, _ in both} | {len(b) for _, b in both}
+        complete = len(both) == len(found) and len(sizes) == 1  # the same sentences
+        replicates[lang] = (
+            bootstrap_f1_differences(both, BOOTSTRAP_SAMPLES, rng) if complete else None
+        )
+    a_name, b_name = (_name(m) for m in pair)
+    where = "at the best dev point" if at == "best_dev" else "at the end"
+    lines = [
+        f"#### {a_name} - {b_name}, {_split_title(split)} {where} (paired by seed, n = "
+        f"{len(seeds)}; seeds {', '.join(str(s) for s, _, _ in seeds)})",
+        "",
+        f"| language | {a_name} | {b_name} | difference | 95% CI over seeds "
+        "| 95% CI, bootstrap over sentences |",
+        "|---|---|---|---|---|---|",
+    ]
+    for lang in [*langs, "Avg."]:
+        pick = langs if lang == "Avg." else [lang]
+        a = [statistics.fmean(sa[x][metric] for x in pick) for sa, _ in scores]
+        b = [statistics.fmean(sb[x][metric] for x in pick) for _, sb in scores]
+        diffs = [x - y for x, y in zip(a, b, strict=True)]
+        reps = [r for r in (replicates[x] for x in pick) if r is not None]
+        if len(reps) == len(pick):
+            mean_rep = np.stack(reps).mean(axis=0)
+            boot = _interval(*np.percentile(mean_rep, [2.5, 97.5]).tolist())
+        else:
+            boot = "unavailable (no per-sentence counts in these JSONs)"
+        lines.append(
+            f"| {lang} | {statistics.fmean(a):.1f} | {statistics.fmean(b):.1f} | "
+            f"{_signed(statistics.fmean(diffs))} | {seed_interval(diffs)} | {boot} |"
+        )
+    return "\n".join(lines)
+
+
+def _mean_zero_shot(point: Point, langs: Sequence[str], metric: str) -> float:
+    return statistics.fmean(point["zero_shot"][x][metric] for x in langs)
+
+
+def _at_matched(
+    curves: tuple[list[Point], list[Point]],
+    where: tuple[tuple[int, float], tuple[int, float]],
+    get: Callable[[Point], float],
+) -> tuple[float, float]:
+    """A quantity of both curves at their :func:`crossing` of the matched level."""
+    a, b = (at_crossing([get(p) for p in c], w) for c, w in zip(curves, where, strict=True))
+    return a, b
+
+
+def matched_table(runs: list[Run], pair: Pair) -> str:
+    """The pair at matched dev F1 (module docstring), per seed and on average."""
+    seeds = _paired_seeds(runs, pair)
+    if not seeds:
+        return ""
+    metric = main_metric(runs[0]["config"]["kind"])
+    a_name, b_name = (_name(m) for m in pair)
+    lines = [
+        f"#### {a_name} vs {b_name} at matched dev F1 (the higher of the two best dev F1s "
+        "that both curves reach; first point reaching it, interpolated)",
+        "",
+        f"| seed | matched dev F1 | grad. comp. {a_name} / {b_name} | l2 from pretrained "
+        f"{a_name} / {b_name} | zero-shot F1 {a_name} / {b_name} | zero-shot difference |",
+        "|---|---|---|---|---|---|",
+    ]
+    l2_diffs: list[float] = []
+    zs_diffs: list[float] = []
+    per_lang: dict[str, list[float]] = {}
+    for seed, ra, rb in seeds:
+        curves = _curve(ra), _curve(rb)
+        level = min(max(p["dev_mean"] for p in c) for c in curves)
+        wa, wb = (crossing([p["dev_mean"] for p in c], level) for c in curves)
+        assert wa is not None and wb is not None  # both reach the lower of their maxima
+        where = (wa, wb)
+        steps = _at_matched(curves, where, lambda p: p["grad_computations"])
+        l2 = _at_matched(curves, where, lambda p: p["l2_from_pretrained"])
+        l2_diffs.append(l2[0] - l2[1])
+        zs_text = diff_text = "unavailable"
+        if all("zero_shot" in p for c in curves for p in c):
+            langs = sorted(curves[0][0]["zero_shot"])
+            zsa, zsb = _at_matched(
+                curves, where, partial(_mean_zero_shot, langs=langs, metric=metric)
+            )
+            zs_diffs.append(zsa - zsb)
+            zs_text, diff_text = f"{zsa:.1f} / {zsb:.1f}", _signed(zsa - zsb)
+            for lang in langs:
+                la, lb = _at_matched(
+                    curves, where, partial(_mean_zero_shot, langs=[lang], metric=metric)
+                )
+                per_lang.setdefault(lang, []).append(la - lb)
+        lines.append(
+            f"| {seed} | {level:.1f} | {steps[0]:.0f} / {steps[1]:.0f} | "
+            f"{l2[0]:.2f} / {l2[1]:.2f} | {zs_text} | {diff_text} |"
+        )
+    complete = len(zs_diffs) == len(seeds)
+    zs_mean = (
+        f"{_signed(statistics.fmean(zs_diffs))} {seed_interval(zs_diffs)}"
+        if complete
+        else "unavailable"
+    )
+    lines.append(
+        f"| mean difference (95% CI over seeds) | | | "
+        f"{statistics.fmean(l2_diffs):+.2f} {seed_interval(l2_diffs)} | | {zs_mean} |"
+    )
+    if not complete:
+        lines += [
+            "",
+            "Zero-shot F1 at matched dev F1: unavailable, these runs did not score the "
+            "zero-shot sets along the curve (`--curve-zero-shot`, from issue 17 on).",
+        ]
+        return "\n".join(lines)
+    lines += ["", "| zero-shot language | difference at matched dev F1 | 95% CI over seeds |"]
+    lines.append("|---|---|---|")
+    for lang, diffs in per_lang.items():
+        lines.append(f"| {lang} | {_signed(statistics.fmean(diffs))} | {seed_interval(diffs)} |")
+    return "\n".join(lines)
+
+
+def plateau_table(runs: list[Run]) -> str:
+    """Per run: best dev F1 and where, the point from which the curve stays within 1 F1 of
+    it, its largest fall after the best point, and the best dev F1 of each half."""
+    lines = [
+        "| method | seed | best dev F1 | at | within 1 F1 of it from | largest fall after it "
+        "| best dev F1, first half / second half |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    order = list(TB.ROW_NAMES)
+    for r in sorted(runs, key=lambda r: (order.index(r["config"]["method"]), r["config"]["seed"])):
+        if "all" not in r["runs"]:
+            continue
+        curve = _curve(r)
+        dev = [p["dev_mean"] for p in curve]
+        at = [p["grad_computations"] for p in curve]
+        best = max(range(len(dev)), key=lambda i: dev[i])
+        start = len(dev) - 1
+        while start > 0 and dev[start - 1] >= dev[best] - 1:
+            start -= 1
+        fall = dev[best] - min(dev[best:])
+        half = r["config"]["budget"] / 2
+        first = max(d for d, x in zip(dev, at, strict=True) if x <= half)
+        second = max(d for d, x in zip(dev, at, strict=True) if x > half)
+        lines.append(
+            f"| {report.label(r['config'])} | {r['config']['seed']} | {dev[best]:.1f} | "
+            f"{at[best]} | {at[start]} | {fall:.1f} | {first:.1f} / {second:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def lr_table(runs: list[Run]) -> str:
+    """Best dev F1 of each (method, learning rate) of the tuning grid; the rate chosen is
+    the best one (ties: the smaller rate), as :func:`benchmarks.nlp.campaign.chosen_lr`."""
+    lines = ["| method | learning rate | seed | best dev F1 | at (grad. comp.) | chosen |"]
+    lines.append("|---|---|---|---|---|---|")
+    for method in TB.ROW_NAMES:
+        mine = sorted(
+            (r for r in runs if r["config"]["method"] == method), key=lambda r: r["config"]["lr"]
+        )
+        if not mine:
+            continue
+        best = [max(p["dev_mean"] for p in _curve(r)) for r in mine]
+        chosen = best.index(max(best))
+        for i, r in enumerate(mine):
+            point = max(_curve(r), key=lambda p: p["dev_mean"])
+            lines.append(
+                f"| {_name(method)} | {report.rate(r['config']['lr'])} | {r['config']['seed']} | "
+                f"{best[i]:.1f} | {point['grad_computations']} | {'yes' if i == chosen else ''} |"
+            )
+    return "\n".join(lines)
+
+
+def runs_table(results: Path) -> str:
+    """Which runs of the campaign have a JSON file, per group."""
+    groups: dict[str, tuple[list[str], list[str]]] = {}
+    for job in campaign.jobs():
+        done, left = groups.setdefault(job.group, ([], []))
+        (done if (results / job.group / f"{job.name}.json").exists() else left).append(
+            job.name.replace("_seed", " s")
+        )
+    lines = ["| group | done (JSON committed) | not run yet |", "|---|---|---|"]
+    for group, (done, left) in groups.items():
+        lines.append(f"| {group} | {', '.join(done) or '–'} | {', '.join(left) or '–'} |")
+    return "\n".join(lines)
+
+
+def speed_table(path: Path) -> str:
+    """The table of :mod:`benchmarks.nlp.measure_speed`'s markdown file."""
+    if not path.exists():
+        return "No speed measurement yet (`python -m benchmarks.nlp.measure_speed`)."
+    return "\n".join(line for line in path.read_text().splitlines() if line.startswith("|"))
+
+
+def group_tables(group: Group, results: Path) -> dict[str, str]:
+    """Every table of one group, by region name."""
+    folder = results / group.name
+    runs = load_runs(folder) if folder.exists() else []
+    if not runs:
+        empty = f"No runs yet: `python -m benchmarks.nlp.campaign --group {group.name}`."
+        names = [group.name]
+        if group.name != "lr":
+            names += [f"{group.name}-{at}" for at in group.at]
+            names += [f"{group.name}-{kind}" for kind in ("paired", "matched", "plateau")]
+        return dict.fromkeys(names, empty)
+    if group.name == "lr":  # a grid, not seeds of one setting: its own table
+        return {"lr": lr_table(runs)}
+    out = {group.name: summary_table(folder, runs)}
+    for at in group.at:
+        out[f"{group.name}-{at}"] = per_language(group, runs, at)
+    paired, matched = [], []
+    for pair in group.pairs:
+        for at in group.paired_at:
+            for split in ("test", "zero_shot"):
+                paired.append(paired_table(group.task, runs, pair, split, at))
+        matched.append(matched_table(runs, pair))
+    out[f"{group.name}-paired"] = "\n\n".join(t for t in paired if t) or "No pairs run."
+    out[f"{group.name}-matched"] = "\n\n".join(t for t in matched if t) or "No pairs run."
+    out[f"{group.name}-plateau"] = plateau_table(runs)
+    return out
+
+
+def all_tables(results: Path) -> dict[str, str]:
+    """Every table of the page, by region name (module docstring)."""
+    out: dict[str, str] = {}
+    for group in GROUPS:
+        out.update(group_tables(group, results))
+    out["runs"] = runs_table(results)
+    out["speed"] = speed_table(results.parent / SPEED.name)
+    return out
+
+
+REGION = re.compile(
+    r"^(?P<indent>[ \t]*)<!-- results:(?P<name>[\w-]+) -->\n.*?^(?P=indent)<!-- /results:(?P=name) -->$",
+    re.M | re.S,
+)
+
+
+def fill(page: str, tables: dict[str, str]) -> str:
+    """``page`` with every generated region's content replaced by its table (indented as
+    the region's markers, with a blank line on either side)."""
+
+    def replace(match: re.Match[str]) -> str:
+        name, indent = match["name"], match["indent"]
+        if name not in tables:
+            raise KeyError(f"the page's region {name!r} is no table of write_results")
+        body = [indent + line if line else "" for line in tables[name].strip("\n").split("\n")]
+        return "\n".join(
+            [f"{indent}<!-- results:{name} -->", "", *body, "", f"{indent}<!-- /results:{name} -->"]
+        )
+
+    return REGION.sub(replace, page)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", type=Path, default=RESULTS, help="folder of the group folders")
+    ap.add_argument("--page", type=Path, default=PAGE)
+    ap.add_argument("--check", action="store_true", help="exit 1 if the page is out of date")
+    args = ap.parse_args(argv)
+    tables = all_tables(args.results)
+    page = args.page.read_text()
+    new = fill(page, tables)
+    if args.check:
+        if new != page:
+            print(f"{args.page} is out of date: python -m benchmarks.nlp.write_results")
+            return 1
+        return 0
+    args.page.write_text(new)
+    everything = "\n\n".join(f"## {name}\n\n{text}" for name, text in tables.items())
+    (args.results / "all_tables.md").write_text(
+        "# Every table of write_results (generated; see docs/results.md)\n\n" + everything + "\n"
+    )
+    print(f"wrote {args.page} and {args.results / 'all_tables.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
