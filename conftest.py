@@ -26,11 +26,14 @@ _START = os.getcwd()
 def _setup(page: dict[str, Any]) -> None:
     torch.manual_seed(0)
     torch.set_num_threads(1)
+    page["_environ"] = dict(os.environ)  # the fixtures set torchrun's variables
     page.update(namespace())
 
 
 def _teardown(page: dict[str, Any]) -> None:
     os.chdir(_START)
+    os.environ.clear()
+    os.environ.update(page["_environ"])
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

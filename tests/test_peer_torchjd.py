@@ -71,15 +71,17 @@ def torchjd_gradvac_orders(num_tasks: int) -> list[list[int]]:
 def test_gradvac_equals_torchjd_over_two_calls(x: np.ndarray, seed: int, beta: float) -> None:
     """Two successive calls, so the EMA targets of the first are used by the second.
 
-    Compared on pairs that are neither zero nor (anti)parallel: there Alg. 1 line 6 turns
-    g_i' into 0 up to rounding, and the cosines of that residue are not defined.
+    Compared on pairs that are neither zero nor (nearly) (anti)parallel: there Alg. 1 line 6
+    turns g_i' into 0 up to rounding, and the cosines of that residue are not defined.
     """
     gram = x @ x.T
     norms = np.sqrt(np.diag(gram))
     with np.errstate(invalid="ignore", divide="ignore"):
         cosines = gram / np.outer(norms, norms)
     off = ~np.eye(len(x), dtype=bool)
-    if not (norms.min() > 1e-100 * norms.max() and np.all(np.abs(cosines[off]) < 1 - 1e-6)):
+    # near-(anti)parallel pairs make line 6 ill-conditioned: both sides then carry rounding
+    # errors well above 1e-9 (a 13-task case in 2-D: ours 4e-8, theirs 2e-7 from 50 digits)
+    if not (norms.min() > 1e-100 * norms.max() and np.all(np.abs(cosines[off]) < 1 - 1e-3)):
         return
     peer = aggregation.GradVacWeighting(beta=beta, eps=0.0)  # eps=0: theirs adds 1e-8 else
     targets = np.zeros((len(x), len(x)))

@@ -128,7 +128,8 @@ def test_one_task_is_plain_training(name: str) -> None:
 
 
 def test_gradnorm_matches_literal_algorithm_1() -> None:
-    """Chen et al. (2018), Alg. 1 with autograd (create_graph) on the chosen layer W."""
+    """Chen et al. (2018), Alg. 1 with autograd (create_graph) on the chosen layer W, the
+    weights' gradient divided by the mean task-gradient norm (documented, scale-free)."""
     alpha, weight_lr = 0.7, 0.05
     model, reference = make_model(2), make_model(2)
     layer = model.trunk[2].weight
@@ -159,6 +160,8 @@ def test_gradnorm_matches_literal_algorithm_1() -> None:
         inner.zero_grad()
         (w.detach() * torch.stack(losses)).sum().backward()
         inner.step()
+        # the documented scale-free step: divided by the mean unweighted norm ||grad_W L_i||
+        w_grad = w_grad / (norms.detach() / w.detach()).mean()
         w.grad = w_grad
         w_opt.step()
         with torch.no_grad():

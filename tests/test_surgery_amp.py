@@ -90,3 +90,34 @@ def test_overflow_raises_by_default_with_a_hint(name: str) -> None:
     with pytest.raises(ValueError, match="error_if_nonfinite=False"):
         opt.backward([scaler.scale(loss) for loss in losses])
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("weights", ["adam", "sgd"])
+def test_gradnorm_weights_ignore_a_changing_loss_scale(weights: str) -> None:
+    """The reported failure: the weights' gradient came from the *scaled* norms (the scaler
+    unscales only param_groups), so an SGD weight optimizer, or any with a growing scale,
+    trained other weights than without the scaler."""
+    from torch_seqreptile.surgery import GradNorm
+
+    def run(scaler: torch.amp.GradScaler | None) -> torch.Tensor:
+        model = make_model(3).float()
+        kwargs = (
+            {} if weights == "adam" else {"weight_optimizer": lambda w: torch.optim.SGD(w, lr=0.1)}
+        )
+        opt = GradNorm(torch.optim.SGD(model.parameters(), lr=0.05), 3, 1.5, **kwargs)
+        for step in range(STEPS):
+            losses = task_losses_float(model, step)
+            opt.zero_grad()
+            if scaler is None:
+                opt.backward(losses)
+                opt.step()
+            else:
+                opt.backward([scaler.scale(loss) for loss in losses])
+                scaler.step(opt)
+                scaler.update()
+        return opt.loss_weights.detach()
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4, growth_interval=1)  # x2 a step
+    scaled = run(scaler)
+    assert scaler.get_scale() == 2.0 ** (4 + STEPS)
+    torch.testing.assert_close(scaled, run(None), rtol=1e-6, atol=1e-7)

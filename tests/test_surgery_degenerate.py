@@ -15,7 +15,7 @@ from torch import nn
 from tests.helpers import make_model
 from tests.test_surgery import task_losses
 from torch_seqreptile import RecAdam
-from torch_seqreptile.surgery import GradNorm, GradVac
+from torch_seqreptile.surgery import MGDA, MTL, GradNorm, GradVac
 
 
 def gradnorm(model: nn.Module, **kw) -> GradNorm:
@@ -237,3 +237,89 @@ def test_recadam_with_a_warned_setting_does_diverge() -> None:
         opt.step()
         distances.append(abs(float(p)))
     assert distances[-1] > 100 * distances[5] and np.isfinite(distances[-1])
+
+
+# ---------------------------------------------------------------- tampered method state
+def tampered(opt, key: str, value) -> dict:
+    state = copy.deepcopy(opt.state_dict())
+    if value is None:
+        del state["surgery"]["method_state"][key]
+    else:
+        state["surgery"]["method_state"][key] = value
+    return state
+
+
+@pytest.mark.parametrize(
+    ("method", "key", "value", "match"),
+    [
+        ("gradvac", "beta", None, r"\['beta'\] must be a float"),
+        ("gradvac", "beta", -3.0, r"\['beta'\] must be in \[0.0, 1.0\]"),
+        ("gradvac", "targets", torch.zeros(1, 5, 5, dtype=torch.float64), r"\(blocks, 3, 3\)"),
+        ("gradvac", "targets", torch.full((1, 3, 3), 2.0, dtype=torch.float64), "in \\[-1, 1\\]"),
+        ("gradnorm", "alpha", float("nan"), r"\['alpha'\] must be in"),
+        ("gradnorm", "loss_weights", torch.tensor([float("nan"), -1.0, 5.0]), "finite numbers"),
+        ("gradnorm", "weight_optimizer", "adam", "an optimizer state_dict"),
+    ],
+)
+def test_tampered_method_state_is_refused_before_anything_loads(method, key, value, match):
+    model = make_model(0)
+    inner = torch.optim.Adam(model.named_parameters(), lr=0.01)
+    opt = GradVac(inner, 0.1, seed=0) if method == "gradvac" else GradNorm(inner, 3)
+    opt.backward(task_losses(model))
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    other = make_model(1)
+    twin_inner = torch.optim.Adam(other.named_parameters(), lr=0.01)
+    twin = GradVac(twin_inner, 0.1, seed=0) if method == "gradvac" else GradNorm(twin_inner, 3)
+    before = copy.deepcopy(twin.state_dict())
+    with pytest.raises((TypeError, ValueError), match=match):
+        twin.load_state_dict(tampered(opt, key, value))
+    assert twin.state_dict()["state"] == before["state"] == {}  # the inner state untouched
+    twin.load_state_dict(saved)  # the untampered one loads
+
+
+def test_gradnorm_weight_optimizer_state_of_another_shape_is_refused() -> None:
+    model = make_model(0)
+    opt = GradNorm(torch.optim.SGD(model.parameters(), lr=0.05), 3)
+    opt.backward(task_losses(model))
+    opt.step()
+    state = copy.deepcopy(opt.state_dict())
+    adam = state["surgery"]["method_state"]["weight_optimizer"]["state"][0]
+    adam["exp_avg"] = torch.zeros(5, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"'exp_avg' has shape \(5,\), expected \(3,\)"):
+        opt.load_state_dict(state)
+
+
+def test_gradnorm_layer_is_a_module_or_fixed_at_the_first_backward() -> None:
+    model = make_model(0)
+    by_module = GradNorm(torch.optim.SGD(model.parameters(), lr=0.05), 3, layer=model.trunk[2])
+    by_tensors = GradNorm(
+        torch.optim.SGD(model.parameters(), lr=0.05), 3, layer=list(model.trunk[2].parameters())
+    )
+    for opt in (by_module, by_tensors):
+        opt.backward(task_losses(model))
+    torch.testing.assert_close(by_module.loss_weights.grad, by_tensors.loss_weights.grad)
+    default = GradNorm(torch.optim.SGD(model.trunk.parameters(), lr=0.05), 3)
+    default.backward(task_losses(model))
+    chosen = default.state_dict()["surgery"]["method_state"]["layer"]
+    extra = nn.Linear(8, 8).double()  # a new shared parameter after the old last one
+    default.add_param_group({"params": list(extra.parameters())})
+    default.zero_grad()
+    bump = extra(torch.ones(8, dtype=torch.float64)).pow(2).sum()  # >= 0: losses stay >= 0
+    default.backward([loss + bump for loss in task_losses(model, 1)])
+    assert default.state_dict()["surgery"]["method_state"]["layer"] == chosen  # not moved
+
+
+def test_seed_is_refused_where_there_is_no_random_order() -> None:
+    model = make_model(0)
+    for method in (MGDA, MTL):  # CAGrad, GradNorm: no seed argument at all
+        with pytest.raises(TypeError, match="seed is for PCGrad and GradVac"):
+            method(torch.optim.SGD(model.parameters(), lr=0.1), seed=0)
+
+
+def test_mtl_last_weights_none_after_a_nonfinite_call() -> None:
+    model = make_model(0)
+    opt = MTL(torch.optim.SGD(model.parameters(), lr=0.1), error_if_nonfinite=False)
+    losses = task_losses(model)
+    opt.backward([losses[0] * math.inf, losses[1], losses[2]])
+    assert opt.last_weights is None

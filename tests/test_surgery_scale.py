@@ -107,6 +107,22 @@ def test_mgda_min_norm_optimality_at_every_scale(x: np.ndarray) -> None:
         assert d @ g >= d @ d - slack
 
 
+@SCALES
+@given(st.integers(2, 16), st.integers(0, 2**32 - 1), st.floats(-8.0, -2.0), factors)
+def test_mgda_on_clusters_of_near_duplicate_gradients(tasks, seed, spread, scale) -> None:
+    """Two clusters of gradients that agree to delta = 10**spread: the Gramian separates
+    them only to first order in delta, the documented bound of the optimality condition."""
+    rng = np.random.default_rng(seed)
+    delta = 10.0**spread
+    centres = rng.normal(size=(2, 12))
+    x = (centres[np.arange(tasks) % 2] + delta * rng.normal(size=(tasks, 12))) * math.sqrt(scale)
+    w = min_norm_weights(x @ x.T)
+    assert np.all(np.isfinite(w)) and np.all(w >= 0.0)
+    d = w @ x
+    slack = (1e-11 + delta) * largest_sq_norm(x)
+    assert min(d @ g for g in x) >= d @ d - slack
+
+
 def test_mgda_is_not_zero_under_a_grad_scaler() -> None:
     """The reported failure: norms about 1e4 (a GradScaler's 2**16) gave all-zero weights."""
     rng = np.random.default_rng(0)

@@ -147,11 +147,15 @@ class RecAdam(Optimizer):
                     )
         for p, a in zip(own, anchors):
             self.state[p]["pretrained"] = a.detach().to(p, copy=True)
+        for index, group in enumerate(self.param_groups):
+            _warn_if_unstable(group, f"param_groups[{index}]")
+        self._built = True
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; its pretrained weights are the parameters' values now."""
         super().add_param_group(param_group)
-        _warn_if_unstable(self.param_groups[-1], f"param_groups[{len(self.param_groups) - 1}]")
+        if getattr(self, "_built", False):  # a user's call; the constructor warns itself
+            _warn_if_unstable(self.param_groups[-1], f"param_groups[{len(self.param_groups) - 1}]")
         if hasattr(self, "state"):
             for p in self.param_groups[-1]["params"]:
                 if "pretrained" not in self.state[p]:

@@ -130,6 +130,10 @@ class GradientCombiner(OptimizerWrapper):
         seed: int | None = None,
         error_if_nonfinite: bool = True,
     ) -> None:
+        if seed is not None and not self.uses_rng:
+            raise TypeError(
+                f"{type(self).__name__} has no random task order: seed is for PCGrad and GradVac"
+            )
         super().__init__(optimizer)
         self.num_tasks: int | None = (
             None if num_tasks is None else check_int("num_tasks", num_tasks, 1)
@@ -157,6 +161,7 @@ class GradientCombiner(OptimizerWrapper):
         checked = self._check_losses(losses)
         values = torch.stack([loss.detach().reshape(()).double() for loss in checked]).cpu()
         finite = self._finite("losses", values)
+        self._check_values(values.numpy())
         self._combine(checked, values.numpy(), finite, retain_graph)
         if self.num_tasks is None:
             self.num_tasks = len(checked)
@@ -177,11 +182,15 @@ class GradientCombiner(OptimizerWrapper):
     def _after_step(self) -> None:
         pass
 
+    def _check_values(self, values: Array) -> None:
+        """Raise if the method cannot take these loss values (GradNorm: negative ones)."""
+
     def _extra_state(self) -> dict[str, Any]:
         return {}
 
-    def _load_extra_state(self, state: dict[str, Any]) -> Callable[[], None]:
-        """Validate ``_extra_state``; return the function that restores it."""
+    def _load_extra_state(self, state: dict[str, Any], num_tasks: int | None) -> Callable[[], None]:
+        """Validate ``_extra_state`` (of ``num_tasks`` tasks, if known); return the function
+        that restores it, which cannot fail."""
         return lambda: None
 
     # ------------------------------------------------------------------ internals
@@ -258,7 +267,10 @@ class GradientCombiner(OptimizerWrapper):
         if self.generator is not None and rng_state is not None:
             if not isinstance(rng_state, Tensor) or rng_state.dtype != torch.uint8:
                 raise ValueError("state_dict['surgery']['rng_state'] must be a uint8 tensor")
-        restore = self._load_extra_state(own["method_state"])
+        if not isinstance(own["method_state"], dict):
+            raise ValueError("state_dict['surgery']['method_state'] must be a dict")
+        tasks = num_tasks if num_tasks is not None else self.num_tasks
+        restore = self._load_extra_state(own["method_state"], tasks)
 
         def commit() -> None:
             restore()

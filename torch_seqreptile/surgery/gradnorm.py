@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from torch_seqreptile._validation import check_float, check_int
@@ -55,8 +55,11 @@ class GradNorm(GramianCombiner):
 
     The weights are an ordinary leaf tensor, ``opt.loss_weights``, trained by their own
     ``torch.optim`` optimizer, ``opt.weight_optimizer`` (default ``Adam(lr=0.025)``; any via
-    ``weight_optimizer=``): ``backward`` stores :math:`\nabla_w L_{grad}` in
-    ``loss_weights.grad``; ``step`` takes the inner step, then ``weight_optimizer.step()``
+    ``weight_optimizer=``): ``backward`` stores
+    :math:`\nabla_w L_{grad} / \mathrm{mean}_i \|\nabla_W L_i\|` in ``loss_weights.grad``
+    (the paper's gradient divided by a positive number each step: same direction, and the
+    weights' update no longer depends on the losses' scale, e.g. a ``GradScaler``'s, a
+    changing one included, or a sum instead of a mean reduction); ``step`` takes the inner step, then ``weight_optimizer.step()``
     (an ordinary call: its own hooks and LR schedulers work, e.g.
     ``LinearLR(opt.weight_optimizer, ...)``), then renormalises :math:`\sum_i w_i = T` (after
     clipping negative weights to 0). Weights, L_i(0) and the weight optimizer's state are in
@@ -74,9 +77,12 @@ class GradNorm(GramianCombiner):
         optimizer: any ``torch.optim.Optimizer``.
         num_tasks: T (required: the weights exist from the start).
         alpha: asymmetry, in [0, inf) (paper: 0.12 to 1.5; 0 equalises the norms).
-        layer: the shared parameters W whose gradient norms are balanced; every task must
-            reach all of them. Default: the last shared parameter (in ``param_groups``
-            order), "usually the last shared layer" as in the paper.
+        layer: the shared parameters W whose gradient norms are balanced ("usually the last
+            shared layer", as in the paper): a module (its parameters), a parameter or an
+            iterable of parameters; every task must reach all of them. Default: the last
+            shared parameter tensor (in ``param_groups`` order) at the first ``backward``,
+            kept from then on (often a bias or a LayerNorm: pass the layer for the paper's
+            choice).
         weight_lr: learning rate of the default Adam of the weights, in (0, inf) (default
             0.025); not with ``weight_optimizer``.
         weight_optimizer: a function that builds the weights' optimizer from ``[w]``, e.g.
@@ -90,7 +96,7 @@ class GradNorm(GramianCombiner):
         num_tasks: int,
         alpha: float = 1.5,
         *,
-        layer: Tensor | Iterable[Tensor] | None = None,
+        layer: Tensor | nn.Module | Iterable[Tensor] | None = None,
         weight_lr: float | None = None,
         weight_optimizer: WeightOptimizer | None = None,
         error_if_nonfinite: bool = True,
@@ -110,9 +116,16 @@ class GradNorm(GramianCombiner):
             )
         super().__init__(optimizer, num_tasks=num_tasks, error_if_nonfinite=error_if_nonfinite)
         index = {id(p): i for i, p in enumerate(self.params())}
+        #: indices (in ``params()`` order) of the layer W; the default is fixed by the first
+        #: ``backward`` and kept in ``state_dict``
         self._layer: list[int] | None = None
+        self._default_layer: list[int] = []  # found by _blocks, fixed by _update
         if layer is not None:
-            tensors = [layer] if isinstance(layer, Tensor) else list(layer)
+            tensors: list[Tensor]
+            if isinstance(layer, nn.Module):
+                tensors = [p for p in layer.parameters() if p.requires_grad]
+            else:
+                tensors = [layer] if isinstance(layer, Tensor) else list(layer)
             if not tensors or any(id(p) not in index for p in tensors):
                 raise ValueError("layer must be one or more parameters of the optimizer")
             self._layer = sorted(index[id(p)] for p in tensors)
@@ -133,29 +146,26 @@ class GradNorm(GramianCombiner):
         #: L_i(0), the losses of the first ``backward``
         self.initial_losses: Tensor | None = None
 
-    def backward(self, losses: Sequence[Tensor], *, retain_graph: bool = False) -> None:
-        checked = self._check_losses(losses)
-        values = [float(loss.detach().reshape(())) for loss in checked]
-        negative = [t for t, v in enumerate(values) if math.isfinite(v) and v < 0.0]
-        if negative:
+    def _check_values(self, values: Array) -> None:
+        finite = np.isfinite(values)
+        negative = np.flatnonzero(finite & (values < 0.0))
+        if len(negative):
             raise ValueError(
                 "GradNorm needs losses >= 0 (its training rates L_i/L_i(0) are ratios of "
                 f"losses); losses[{negative[0]}] = {values[negative[0]]}"
             )
-        if self.initial_losses is None:
-            zero = [t for t, v in enumerate(values) if v == 0.0]
-            if zero:
-                raise ValueError(
-                    "GradNorm needs positive initial losses (it divides by L_i(0)); "
-                    f"losses[{zero[0]}] = 0.0 in the first call"
-                )
-        super().backward(checked, retain_graph=retain_graph)
+        zero = np.flatnonzero(values == 0.0)
+        if self.initial_losses is None and len(zero):
+            raise ValueError(
+                "GradNorm needs positive initial losses (it divides by L_i(0)); "
+                f"losses[{zero[0]}] = 0.0 in the first call"
+            )
 
     def _blocks(self, indices: list[int]) -> tuple[list[int], int]:
         # block 0: the balanced layer, block 1: every other shared parameter
         layer = self._layer
         if layer is None:
-            layer = indices[-1:]
+            self._default_layer = layer = indices[-1:]
         return [0 if i in layer else 1 for i in indices], 2
 
     def _head_scale(self, task: int) -> float:
@@ -175,6 +185,8 @@ class GradNorm(GramianCombiner):
             )
         losses = problem.losses
         self.loss_weights.grad = None
+        if self._layer is None:
+            self._layer = self._default_layer
         if self.initial_losses is None:
             self.initial_losses = torch.from_numpy(np.array(losses, dtype=np.float64))
         norms = np.sqrt(np.maximum(np.diag(problem.grams[0]), 0.0))
@@ -183,7 +195,7 @@ class GradNorm(GramianCombiner):
             grad = gradnorm_weight_grad(
                 weights, norms, losses, self.initial_losses.numpy(), self.alpha
             )
-            self.loss_weights.grad = torch.from_numpy(grad)
+            self.loss_weights.grad = torch.from_numpy(grad / norms.mean())  # scale-free
         return np.stack([weights, weights])
 
     def _after_step(self) -> None:
@@ -206,24 +218,37 @@ class GradNorm(GramianCombiner):
             "loss_weights": self.loss_weights.detach().clone(),
             "initial_losses": self.initial_losses,
             "weight_optimizer": self.weight_optimizer.state_dict(),
+            "layer": None if self._layer is None else list(self._layer),
         }
 
-    def _load_extra_state(self, state: dict[str, Any]) -> Callable[[], None]:
+    def _load_extra_state(self, state: dict[str, Any], num_tasks: int | None) -> Callable[[], None]:
         where = "state_dict['surgery']['method_state']"
+        alpha = check_float(f"{where}['alpha']", state.get("alpha"), 0.0, math.inf, open_high=True)
         weights = state.get("loss_weights")
-        if not isinstance(weights, Tensor) or weights.shape != self.loss_weights.shape:
-            raise ValueError(
-                f"{where}['loss_weights'] must have shape {tuple(self.loss_weights.shape)}"
-            )
+        shape = tuple(self.loss_weights.shape)
+        if (
+            not isinstance(weights, Tensor)
+            or tuple(weights.shape) != shape
+            or not bool((torch.isfinite(weights) & (weights >= 0)).all())
+        ):
+            raise ValueError(f"{where}['loss_weights'] must be {shape[0]} finite numbers >= 0")
         initial = state.get("initial_losses")
         if initial is not None and (
             not isinstance(initial, Tensor)
-            or initial.shape != self.loss_weights.shape
-            or not bool((initial > 0).all())
+            or tuple(initial.shape) != shape
+            or not bool((torch.isfinite(initial) & (initial > 0)).all())
         ):
             raise ValueError(
-                f"{where}['initial_losses'] must be None or {len(weights)} positive numbers"
+                f"{where}['initial_losses'] must be None or {shape[0]} finite positive numbers"
             )
+        layer = state.get("layer")
+        count = sum(1 for _ in self.params())
+        if layer is not None and (
+            not isinstance(layer, list)
+            or not layer
+            or not all(isinstance(i, int) and 0 <= i < count for i in layer)
+        ):
+            raise ValueError(f"{where}['layer'] must be None or parameter indices < {count}")
         saved = state.get("weight_optimizer")
         if not isinstance(saved, dict) or not isinstance(saved.get("param_groups"), list):
             raise ValueError(f"{where}['weight_optimizer'] must be an optimizer state_dict")
@@ -233,10 +258,19 @@ class GradNorm(GramianCombiner):
             raise ValueError(
                 f"{where}['weight_optimizer'] does not match this optimizer's weight optimizer"
             )
+        for entry in saved.get("state", {}).values():
+            for key, value in entry.items():
+                if isinstance(value, Tensor) and value.dim() > 0 and tuple(value.shape) != shape:
+                    raise ValueError(
+                        f"{where}['weight_optimizer'] state {key!r} has shape "
+                        f"{tuple(value.shape)}, expected {shape}"
+                    )
 
         def restore() -> None:
             self.weight_optimizer.load_state_dict(saved)
-            self.alpha = float(state["alpha"])
+            self.alpha = alpha
+            if layer is not None:  # saved after the first backward (or given explicitly)
+                self._layer = sorted(layer)
             with torch.no_grad():
                 self.loss_weights.copy_(weights)
             self.loss_weights.grad = None

@@ -80,7 +80,9 @@ class GradVac(GramianCombiner):
               optimizer built from ``model.named_parameters()`` (``encoder.layer.0.output.dense
               .weight`` and ``.bias`` form the block ``encoder.layer.0.output.dense``);
             * an ``nn.Module``: one block per submodule that holds parameters itself (a
-              ``Linear``, a ``LayerNorm``, an ``Embedding``), named by its path;
+              ``Linear``, a ``LayerNorm``, an ``Embedding``), named by its path; the
+              submodules it has at construction (a module added to the model later is
+              ``"<rest>"``: pass named parameters for that);
             * a sequence of parameter iterables, e.g. ``[l.parameters() for l in
               bert.encoder.layer]`` for one block per transformer layer, named ``layers[i]``;
             * ``"tensor"``: one block per parameter tensor.
@@ -106,6 +108,8 @@ class GradVac(GramianCombiner):
         error_if_nonfinite: bool = True,
     ) -> None:
         self.beta = check_float("beta", beta, 0.0, 1.0, open_high=False)
+        if layers is not None and not isinstance(layers, (str, nn.Module)):
+            layers = [list(layer) for layer in layers]  # a generator too: checked like a list
         self._by_name = layers is None
         self._per_tensor = isinstance(layers, str)
         if isinstance(layers, str) and layers != "tensor":
@@ -176,22 +180,30 @@ class GradVac(GramianCombiner):
     def _extra_state(self) -> dict[str, Any]:
         return {"beta": self.beta, "targets": self.targets, "block_names": list(self.block_names)}
 
-    def _load_extra_state(self, state: dict[str, Any]) -> Callable[[], None]:
+    def _load_extra_state(self, state: dict[str, Any], num_tasks: int | None) -> Callable[[], None]:
+        where = "state_dict['surgery']['method_state']"
+        beta = check_float(f"{where}['beta']", state.get("beta"), 0.0, 1.0, open_high=False)
         targets, names = state.get("targets"), state.get("block_names")
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise ValueError(
-                "state_dict['surgery']['method_state']['block_names'] must be a list of str"
-            )
-        if targets is not None and (
-            not isinstance(targets, Tensor) or targets.dim() != 3 or len(targets) > len(names)
-        ):
-            raise ValueError(
-                "state_dict['surgery']['method_state']['targets'] must be a (blocks, T, T) "
-                f"tensor with at most one block per name ({len(names)})"
-            )
+            raise ValueError(f"{where}['block_names'] must be a list of str")
+        if targets is not None:
+            tasks = num_tasks
+            if isinstance(targets, Tensor) and tasks is None:
+                tasks = targets.shape[-1]
+            if (
+                not isinstance(targets, Tensor)
+                or targets.dim() != 3
+                or len(targets) > len(names)
+                or tuple(targets.shape[1:]) != (tasks, tasks)
+                or not bool((targets.abs() <= 1.0).all())
+            ):
+                raise ValueError(
+                    f"{where}['targets'] must be a (blocks, {tasks}, {tasks}) tensor of cosines "
+                    f"in [-1, 1] with at most one block per name ({len(names)})"
+                )
 
         def restore() -> None:
-            self.beta = float(state["beta"])
+            self.beta = beta
             self.block_names = list(names)
             self.targets = None if targets is None else targets.detach().double().cpu().clone()
 

@@ -38,7 +38,11 @@ def min_norm_weights(gram: Array, max_iter: int = 1000) -> Array:
 
     Wolfe (1976), "Finding the nearest point in a polytope", run on the Gramian only. The
     result d = sum_t w_t g_t satisfies the optimality condition of the min-norm point,
-    :math:`\langle d, g_t\rangle \ge \|d\|^2 - 10^{-12}\max_s \|g_s\|^2` for every t. It solves
+    :math:`\langle d, g_t\rangle \ge \|d\|^2 - \epsilon\max_s \|g_s\|^2` for every t, with
+    :math:`\epsilon = 10^{-12}` on well-separated gradients; gradients that agree to
+    :math:`\delta` relative (clusters of near-duplicates) are separated in the Gramian only
+    to first order in :math:`\delta`, which bounds :math:`\epsilon` by about
+    :math:`\delta/10` (measured: 4e-9 at :math:`\delta` = 2e-8). It solves
     the problem of Sener & Koltun's Frank–Wolfe solver (their Algorithm 2), but terminates
     with the exact point instead of approaching it.
 

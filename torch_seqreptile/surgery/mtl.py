@@ -36,4 +36,4 @@ class MTL(GradientCombiner):
     ) -> None:
         total = sum((loss.reshape(()) for loss in losses[1:]), losses[0].reshape(()))
         torch.autograd.backward(total, retain_graph=retain_graph)
-        self.last_weights = torch.ones(1, len(losses), dtype=torch.float64)
+        self.last_weights = torch.ones(1, len(losses), dtype=torch.float64) if finite else None
