@@ -143,6 +143,16 @@ class CAGrad(GramianCombiner):
     Algorithm 1), computed on the T×T Gramian (:func:`cagrad_weights`); heads get their own
     gradient. ``c = 0`` is the mean gradient; larger c approaches MGDA-like behaviour.
 
+    Example (with rescale 1, d is divided by :math:`1 + c^2`):
+
+        >>> import torch
+        >>> from torch_seqreptile.surgery import CAGrad
+        >>> w = torch.nn.Parameter(torch.zeros(2))
+        >>> opt = CAGrad(torch.optim.SGD([w], lr=0.1), c=0.5)
+        >>> opt.backward([w @ torch.tensor([1.0, 0.0]), w @ torch.tensor([-1.0, 1.0])])
+        >>> [round(v, 6) for v in w.grad.tolist()]
+        [0.2, 0.4]
+
     Args:
         optimizer: any ``torch.optim.Optimizer``.
         c: radius factor, in [0, inf) (paper: 0.4 to 0.5 typical).

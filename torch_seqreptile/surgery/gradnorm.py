@@ -73,6 +73,17 @@ class GradNorm(GramianCombiner):
     ``None`` and ``step`` skips the weight step). A task with a zero gradient on the layer
     gets a zero weight gradient.
 
+    Example (task 0's gradient is the larger on the layer, so its weight goes down):
+
+        >>> import torch
+        >>> from torch_seqreptile.surgery import GradNorm
+        >>> w = torch.nn.Parameter(torch.ones(2))
+        >>> opt = GradNorm(torch.optim.SGD([w], lr=0.1), 2, alpha=1.5)
+        >>> opt.backward([(w @ torch.tensor([1.0, 0.0])) ** 2 + 1, (w @ torch.tensor([-1.0, 1.0])) ** 2 + 1])
+        >>> opt.step()
+        >>> [round(x, 3) for x in opt.loss_weights.tolist()]
+        [0.987, 1.013]
+
     Args:
         optimizer: any ``torch.optim.Optimizer``.
         num_tasks: T (required: the weights exist from the start).

@@ -71,6 +71,16 @@ class GradVac(GramianCombiner):
     ``state_dict``, one ``(T, T)`` matrix per block, named in ``block_names``. Heads get their
     own gradient.
 
+    Example (targets start at 0: the first step projects like PCGrad):
+
+        >>> import torch
+        >>> from torch_seqreptile.surgery import GradVac
+        >>> w = torch.nn.Parameter(torch.zeros(2))
+        >>> opt = GradVac(torch.optim.SGD([w], lr=0.1), beta=0.01, layers="tensor", seed=0)
+        >>> opt.backward([w @ torch.tensor([1.0, 0.0]), w @ torch.tensor([-1.0, 1.0])])
+        >>> w.grad.tolist(), opt.block_names
+        ([0.5, 1.5], ['params[0]'])
+
     Args:
         optimizer: any ``torch.optim.Optimizer``.
         beta: EMA rate of the targets, in [0, 1] (paper: 1e-2).

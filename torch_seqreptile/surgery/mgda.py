@@ -101,6 +101,16 @@ class MGDA(GramianCombiner):
     scale. No gradient normalisation (their code's ``"l2"``/``"loss"`` options) is applied; d
     is on the scale of one task gradient (weights sum to 1), not of their sum.
 
+    Example (the min-norm point of the segment from :math:`(1, 0)` to :math:`(-1, 1)`):
+
+        >>> import torch
+        >>> from torch_seqreptile.surgery import MGDA
+        >>> w = torch.nn.Parameter(torch.zeros(2))
+        >>> opt = MGDA(torch.optim.SGD([w], lr=0.1))
+        >>> opt.backward([w @ torch.tensor([1.0, 0.0]), w @ torch.tensor([-1.0, 1.0])])
+        >>> [round(v, 6) for v in w.grad.tolist()], [round(a, 6) for a in opt.last_weights[0].tolist()]
+        ([0.2, 0.4], [0.6, 0.4])
+
     Args:
         optimizer: any ``torch.optim.Optimizer``.
         num_tasks: T; if omitted, fixed by the first ``backward`` call.

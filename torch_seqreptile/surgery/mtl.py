@@ -24,6 +24,16 @@ class MTL(GradientCombiner):
     methods are timed against. Like ``sum(losses).backward()`` it does not check which
     parameters each loss reaches, nor the gradients for inf/NaN (a pass over them).
 
+    Example (two tasks whose gradients are :math:`(1, 0)` and :math:`(-1, 1)`):
+
+        >>> import torch
+        >>> from torch_seqreptile.surgery import MTL
+        >>> w = torch.nn.Parameter(torch.zeros(2))
+        >>> opt = MTL(torch.optim.SGD([w], lr=0.1))
+        >>> opt.backward([w @ torch.tensor([1.0, 0.0]), w @ torch.tensor([-1.0, 1.0])])
+        >>> w.grad.tolist()  # the sum
+        [0.0, 1.0]
+
     Args:
         optimizer: any ``torch.optim.Optimizer``.
         num_tasks: T; if omitted, fixed by the first ``backward`` call.
