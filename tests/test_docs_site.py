@@ -3,6 +3,7 @@ reference that does not resolve, a malformed docstring) fails the test."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,8 +34,6 @@ def test_site_builds_without_a_warning(tmp_path: Path) -> None:
 
 def test_readme_links_are_absolute_and_point_at_files_of_this_repository() -> None:
     """PyPI shows the README without the repository around it: relative links would break."""
-    import re
-
     base = "https://github.com/torch-seqreptile/torch_seqreptile/blob/main/"
     links = re.findall(r"\]\(([^)]+)\)", (ROOT / "README.md").read_text())
     assert links and all(link.startswith(("https://", "http://")) for link in links), links

@@ -14,14 +14,9 @@ STEPS = 6
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def train(scaler: torch.amp.GradScaler | None, name: str, skip_first: bool = False):
-    model = make_model(3).float()
-    opt = build(
-        name,
-        torch.optim.Adam(model.parameters(), lr=0.01),
-        model=model,
-        error_if_nonfinite=False,
-    )
+def steps(model, opt, scaler: torch.amp.GradScaler | None, skip_first: bool = False) -> None:
+    """STEPS training steps, through the scaler if one is given (the step-0 batch skipped
+    with ``skip_first``: the reference of a run whose first step overflowed)."""
     for step in range(STEPS):
         if skip_first and step == 0:
             continue
@@ -34,6 +29,17 @@ def train(scaler: torch.amp.GradScaler | None, name: str, skip_first: bool = Fal
             opt.backward([scaler.scale(loss) for loss in losses])
             scaler.step(opt)
             scaler.update()
+
+
+def train(scaler: torch.amp.GradScaler | None, name: str, skip_first: bool = False):
+    model = make_model(3).float()
+    opt = build(
+        name,
+        torch.optim.Adam(model.parameters(), lr=0.01),
+        model=model,
+        error_if_nonfinite=False,
+    )
+    steps(model, opt, scaler, skip_first)
     return model, opt
 
 
@@ -105,16 +111,7 @@ def test_gradnorm_weights_ignore_a_changing_loss_scale(weights: str) -> None:
             {} if weights == "adam" else {"weight_optimizer": lambda w: torch.optim.SGD(w, lr=0.1)}
         )
         opt = GradNorm(torch.optim.SGD(model.parameters(), lr=0.05), 3, 1.5, **kwargs)
-        for step in range(STEPS):
-            losses = task_losses_float(model, step)
-            opt.zero_grad()
-            if scaler is None:
-                opt.backward(losses)
-                opt.step()
-            else:
-                opt.backward([scaler.scale(loss) for loss in losses])
-                scaler.step(opt)
-                scaler.update()
+        steps(model, opt, scaler)
         return opt.loss_weights.detach()
 
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4, growth_interval=1)  # x2 a step

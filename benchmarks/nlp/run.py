@@ -563,17 +563,8 @@ class SingleTaskBatches(Family):
         return max(1, cfg.budget)
 
     def sampler(self, cfg: Config, sizes: list[int], steps: int) -> Any:
-        if self.cyclic:
-            return TaskBatchSampler(
-                sizes,
-                cfg.batch_size,
-                cfg.q,
-                cfg.seed,
-                num_batches=steps,
-                task_order="cyclic",
-                steps_per_task=cfg.inner_steps,
-            )
-        return TaskBatchSampler(sizes, cfg.batch_size, cfg.q, cfg.seed, num_batches=steps)
+        order = {"task_order": "cyclic", "steps_per_task": cfg.inner_steps} if self.cyclic else {}
+        return TaskBatchSampler(sizes, cfg.batch_size, cfg.q, cfg.seed, num_batches=steps, **order)
 
     def train_step(
         self,

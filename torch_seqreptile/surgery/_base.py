@@ -161,8 +161,9 @@ class GradientCombiner(OptimizerWrapper):
         checked = self._check_losses(losses)
         values = torch.stack([loss.detach().reshape(()).double() for loss in checked]).cpu()
         finite = self._finite("losses", values)
-        self._check_values(values.numpy())
-        self._combine(checked, values.numpy(), finite, retain_graph)
+        loss_values = values.numpy()
+        self._check_values(loss_values)
+        self._combine(checked, loss_values, finite, retain_graph)
         if self.num_tasks is None:
             self.num_tasks = len(checked)
 
@@ -386,7 +387,8 @@ class GramianCombiner(GradientCombiner):
                     num_blocks, num_tasks, num_tasks, dtype=torch.float64, device=device
                 )
             gram = torch.zeros(len(tasks), len(tasks), dtype=torch.float64, device=device)
-            products = torch.float64 if flats[0].dtype == torch.float64 else torch.float32  # type: ignore[union-attr]
+            wide = flats[0].dtype in (torch.float64, torch.complex128)  # type: ignore[union-attr]
+            products = torch.float64 if wide else torch.float32
             add_gramian_(gram, flats, chunk, products)  # type: ignore[arg-type]
             index = torch.tensor(tasks, device=device)
             per_device[device][block_of[k]].index_put_(
