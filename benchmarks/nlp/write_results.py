@@ -1,12 +1,14 @@
-"""The tables of ``docs/results.md``, written from the runner's JSON files.
+"""The tables and quoted numbers of ``docs/results.md`` and the README, written from the
+runner's JSON files.
 
     python -m benchmarks.nlp.write_results [--results benchmarks/results/nlp] [--check]
 
-The page holds generated regions, each between ``<!-- results:NAME -->`` and
+The results page holds generated regions, each between ``<!-- results:NAME -->`` and
 ``<!-- /results:NAME -->``; this command replaces every region's content by the table NAME
-computed from the JSON files (the prose around the regions is not touched) and writes all
-tables, also those the page has no region for yet, to ``<results>/all_tables.md``.
-``--check`` writes nothing and exits with status 1 when the page is not up to date.
+computed from the JSON files, rewrites every number quoted in the prose of both pages
+(:mod:`benchmarks.nlp.quoted`), and writes all tables, also those the page has no region
+for yet, to ``<results>/all_tables.md``. ``--check`` writes nothing and exits with status 1
+when a page is not up to date.
 
 Tables, for each campaign group ``G`` of :data:`GROUPS` (folder ``<results>/G``):
 
@@ -18,24 +20,25 @@ Tables, for each campaign group ``G`` of :data:`GROUPS` (folder ``<results>/G``)
   difference A - B paired by seed, with a 95 % t interval over seeds and a 95 % paired
   bootstrap interval over sentences (runs from issue 17 on record per-sentence entity
   counts; older ones lack them: "unavailable");
-* ``G-matched``: each pair at matched training-language dev F1: per seed, the higher of
-  the two best dev F1s that both reach, the first point at which each curve reaches it
-  (linear interpolation between evaluation points), and there the l2 distance from the
-  pretrained encoder and the zero-shot F1 (only for runs made with ``--curve-zero-shot``);
+* ``G-matched``: each pair at matched training-language dev F1: per seed, the highest dev
+  F1 both curves reach (the lower of their two best), the first point at which each curve
+  reaches it (linear interpolation between evaluation points), and there the l2 distance
+  from the pretrained encoder and the zero-shot F1 (only for runs made with
+  ``--curve-zero-shot``);
 * ``G-plateau``: per run, the best dev F1, from which point on the curve stays within 1 F1
   of it, its largest fall after the best point, and the best dev F1 of each half;
+* ``G-rescoring``: how far scoring every word moved F1 from the old scoring of the same
+  predictions (runs from issue 17 on);
 * ``lr`` (the tuning grid, instead of the above): best dev F1 per method and learning
   rate, and the rate chosen;
 
-and ``runs`` (which campaign runs are done) and ``speed`` (the table of
-:mod:`benchmarks.nlp.measure_speed`).
+and ``runs`` (which campaign runs are done), ``machine`` (core-hours of the timed runs) and
+``speed`` (the table of :mod:`benchmarks.nlp.measure_speed`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import re
 import statistics
 import sys
@@ -49,10 +52,12 @@ import numpy as np
 
 from benchmarks.nlp import campaign, report
 from benchmarks.nlp import tables as TB
+from benchmarks.nlp.quoted import fill_values, load_runs, paired_seeds, seed_interval
 from benchmarks.nlp.run import main_metric
 
 RESULTS = TB.RESULTS
-PAGE = Path(__file__).resolve().parents[2] / "docs" / "results.md"
+ROOT = Path(__file__).resolve().parents[2]
+PAGES = [ROOT / "docs" / "results.md", ROOT / "README.md"]
 SPEED = RESULTS.parent / "nlp_speed.md"
 BOOTSTRAP_SAMPLES = 2000
 Run = dict[str, Any]
@@ -87,13 +92,6 @@ GROUPS = [
 
 
 # ------------------------------------------------------------------------ helpers
-def load_runs(folder: Path) -> list[Run]:
-    """The runner JSON files of a folder (not ``summary.json``), ordered by file name."""
-    return [
-        r for r in (json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))) if "runs" in r
-    ]
-
-
 def _name(method: str) -> str:
     return TB.ROW_NAMES.get(method, method)
 
@@ -104,17 +102,6 @@ def _signed(x: float) -> str:
 
 def _interval(lo: float, hi: float) -> str:
     return f"[{lo:+.1f}, {hi:+.1f}]"
-
-
-def seed_interval(diffs: Sequence[float]) -> str:
-    """95 % t interval of the mean of per-seed differences (``–`` with one seed)."""
-    if len(diffs) < 2:
-        return "– (one seed)"
-    from scipy.stats import t
-
-    mean = statistics.fmean(diffs)
-    half = float(t.ppf(0.975, len(diffs) - 1)) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-    return _interval(mean - half, mean + half)
 
 
 def parse_counts(text: str) -> np.ndarray:
@@ -162,15 +149,6 @@ def at_crossing(values: Sequence[float], where: tuple[int, float]) -> float:
 
 def _curve(run: Run) -> list[dict[str, Any]]:
     return list(run["runs"]["all"]["curve"])
-
-
-def _by_seed(runs: list[Run], method: str) -> dict[int, Run]:
-    return {r["config"]["seed"]: r for r in runs if r["config"]["method"] == method}
-
-
-def _paired_seeds(runs: list[Run], pair: Pair) -> list[tuple[int, Run, Run]]:
-    a, b = (_by_seed(runs, m) for m in pair)
-    return [(s, a[s], b[s]) for s in sorted(set(a) & set(b))]
 
 
 # --------------------------------------------------------------------------- tables
@@ -241,7 +219,7 @@ def paired_table(task: str, runs: list[Run], pair: Pair, split: str, at: str) ->
     """Per-language differences A - B of one split at ``at``, paired by seed (the
     bootstrap seeded per table, so that each table reproduces on its own)."""
     rng = np.random.default_rng(0)
-    seeds = _paired_seeds(runs, pair)
+    seeds = paired_seeds(runs, pair)
     metric = main_metric(runs[0]["config"]["kind"])
     scores = [tuple(TB.scores_by_language(r, at, split) for r in (ra, rb)) for _, ra, rb in seeds]
     common = set.intersection(*(set(sa) & set(sb) for sa, sb in scores)) if scores else set()
@@ -307,7 +285,7 @@ def _at_matched(
 
 def matched_table(runs: list[Run], pair: Pair) -> str:
     """The pair at matched dev F1 (module docstring), per seed and on average."""
-    seeds = _paired_seeds(runs, pair)
+    seeds = paired_seeds(runs, pair)
     if not seeds:
         return ""
     metric = main_metric(runs[0]["config"]["kind"])
@@ -425,6 +403,68 @@ def lr_table(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
+def rescoring_table(group: Group, runs: list[Run], at: str = "best_dev") -> str:
+    """How much scoring every word moved the levels: per method and split, F1 at ``at``
+    under the scoring of issue 17 minus F1 of the same predictions cut at the training
+    length (``f1_truncated``), per language and on average (mean over seeds)."""
+    scored = [r for r in runs if "eval_scoring" in r["config"] and r["config"]["kind"] == "ner"]
+    rows = []
+    for method in TB.ROW_NAMES:
+        mine = [r for r in scored if r["config"]["method"] == method]
+        for split in ("test", "zero_shot"):
+            per_run = [TB.scores_by_language(r, at, split) for r in mine]
+            if not per_run or not all(per_run):
+                continue
+            langs = TB.language_columns(group.task, set(per_run[0]))
+
+            def mean(name: str, pick: list[str], per_run: list[Any] = per_run) -> float:
+                return statistics.fmean(
+                    statistics.fmean(scores[x][name] for x in pick) for scores in per_run
+                )
+
+            new, old = mean("f1", langs), mean("f1_truncated", langs)
+            changes = [_signed(mean("f1", [x]) - mean("f1_truncated", [x])) for x in langs]
+            rows.append(
+                f"| {_name(method)} | {len(mine)} | {_split_title(split)} | {new:.1f} | "
+                f"{old:.1f} | {_signed(new - old)} | "
+                + ", ".join(f"{x} {c}" for x, c in zip(langs, changes, strict=True))
+                + " |"
+            )
+    if not rows:
+        return "No runs scored on every word in this group."
+    where = "at the best dev point" if at == "best_dev" else "at the end"
+    return "\n".join(
+        [
+            f"| method | seeds | split | F1, every word ({where}) | F1, cut at 64 sub-words "
+            "| change | change per language |",
+            "|---|---|---|---|---|---|---|",
+            *rows,
+        ]
+    )
+
+
+def machine_table(results: Path) -> str:
+    """Machine time of the runs that record it (``wall_seconds``, from issue 17 on), per
+    group: each run used one core, so hours of runs are core-hours."""
+    lines = [
+        "| group | runs timed | core-hours | minutes per run (median) | of which evaluation |",
+        "|---|---|---|---|---|",
+    ]
+    for group in GROUPS:
+        folder = results / group.name
+        runs = list(load_runs(folder).values()) if folder.is_dir() else []
+        recs = [rec for r in runs for rec in r["runs"].values() if "wall_seconds" in rec]
+        if not recs:
+            continue
+        wall = [rec["wall_seconds"] for rec in recs]
+        evaluation = sum(rec["eval_seconds"] for rec in recs) / sum(wall)
+        lines.append(
+            f"| {group.name} | {len(recs)} | {sum(wall) / 3600:.1f} | "
+            f"{statistics.median(wall) / 60:.0f} | {100 * evaluation:.0f} % |"
+        )
+    return "\n".join(lines) if len(lines) > 2 else "No run records its wall time yet."
+
+
 def runs_table(results: Path) -> str:
     """Which runs of the campaign have a JSON file, per group."""
     groups: dict[str, tuple[list[str], list[str]]] = {}
@@ -449,13 +489,14 @@ def speed_table(path: Path) -> str:
 def group_tables(group: Group, results: Path) -> dict[str, str]:
     """Every table of one group, by region name."""
     folder = results / group.name
-    runs = load_runs(folder) if folder.exists() else []
+    runs = list(load_runs(folder).values()) if folder.exists() else []
     if not runs:
         empty = f"No runs yet: `python -m benchmarks.nlp.campaign --group {group.name}`."
         names = [group.name]
         if group.name != "lr":
             names += [f"{group.name}-{at}" for at in group.at]
-            names += [f"{group.name}-{kind}" for kind in ("paired", "matched", "plateau")]
+            kinds = ("paired", "matched", "plateau", "rescoring")
+            names += [f"{group.name}-{kind}" for kind in kinds]
         return dict.fromkeys(names, empty)
     if group.name == "lr":  # a grid, not seeds of one setting: its own table
         return {"lr": lr_table(runs)}
@@ -471,6 +512,7 @@ def group_tables(group: Group, results: Path) -> dict[str, str]:
     out[f"{group.name}-paired"] = "\n\n".join(t for t in paired if t) or "No pairs run."
     out[f"{group.name}-matched"] = "\n\n".join(t for t in matched if t) or "No pairs run."
     out[f"{group.name}-plateau"] = plateau_table(runs)
+    out[f"{group.name}-rescoring"] = rescoring_table(group, runs)
     return out
 
 
@@ -480,6 +522,7 @@ def all_tables(results: Path) -> dict[str, str]:
     for group in GROUPS:
         out.update(group_tables(group, results))
     out["runs"] = runs_table(results)
+    out["machine"] = machine_table(results)
     out["speed"] = speed_table(results.parent / SPEED.name)
     return out
 
@@ -509,23 +552,28 @@ def fill(page: str, tables: dict[str, str]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", type=Path, default=RESULTS, help="folder of the group folders")
-    ap.add_argument("--page", type=Path, default=PAGE)
-    ap.add_argument("--check", action="store_true", help="exit 1 if the page is out of date")
+    ap.add_argument("--pages", type=Path, nargs="+", default=PAGES)
+    ap.add_argument("--check", action="store_true", help="exit 1 if a page is out of date")
     args = ap.parse_args(argv)
     tables = all_tables(args.results)
-    page = args.page.read_text()
-    new = fill(page, tables)
-    if args.check:
+    stale = []
+    for path in args.pages:
+        page = path.read_text()
+        new = fill_values(fill(page, tables), args.results)
         if new != page:
-            print(f"{args.page} is out of date: python -m benchmarks.nlp.write_results")
-            return 1
-        return 0
-    args.page.write_text(new)
+            stale.append(path)
+            if not args.check:
+                path.write_text(new)
+    if args.check:
+        for path in stale:
+            print(f"{path} is out of date: python -m benchmarks.nlp.write_results")
+        return 1 if stale else 0
     everything = "\n\n".join(f"## {name}\n\n{text}" for name, text in tables.items())
     (args.results / "all_tables.md").write_text(
         "# Every table of write_results (generated; see docs/results.md)\n\n" + everything + "\n"
     )
-    print(f"wrote {args.page} and {args.results / 'all_tables.md'}")
+    print(f"wrote {', '.join(map(str, stale)) or 'no page (all up to date)'} and "
+          f"{args.results / 'all_tables.md'}")  # fmt: skip
     return 0
 
 

@@ -1,0 +1,170 @@
+"""The numbers quoted in the prose of ``docs/results.md`` and the README, computed from the
+runner's JSON files.
+
+Prose quotes a number as ``<!-- v:KEY -->67.9<!-- /v -->`` (the comments do not show when
+the page is rendered). :func:`fill_values` rewrites the text between the markers with
+:func:`value` of KEY, so ``python -m benchmarks.nlp.write_results`` updates the prose with
+the tables, and its ``--check`` fails when a quoted number no longer follows from the JSON.
+
+KEY is ``GROUP/SELECTION/QUANTITY[/STATISTIC]``:
+
+* GROUP: a folder of the results (a campaign group);
+* SELECTION: a file stem (that run), a method (its runs in the group, one per seed), or
+  ``A-B`` for two methods: A's value minus B's, paired by seed over the seeds both have;
+* QUANTITY of one run: a field of :func:`benchmarks.nlp.report.summarise_run` (``best_dev``,
+  ``best_dev_at``, ``test_at_best``, ``zero_shot_at_end``, ``l2_end``, ...);
+  ``SPLIT@AT[:LANG][:truncated]`` with SPLIT ``test`` or ``zero_shot`` and AT ``best_dev``
+  or ``end``: the mean F1 over the split's languages (or LANG's), ``:truncated`` the F1 of
+  the same predictions under the scoring before issue 17; ``cosine_from:N``: the mean
+  task-gradient cosine of the curve points at N computations or more; ``dev@N``: mean dev
+  F1 at N computations; ``wall_hours``: the run's wall time;
+* STATISTIC over the selected runs: ``mean`` (the default), ``pm`` (mean ± std), ``min``,
+  ``max``, ``sum``, ``n`` (how many runs), ``ci`` (95 % t interval of the mean, over
+  seeds), ``seeds``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks.nlp import report
+from benchmarks.nlp import tables as TB
+from benchmarks.nlp.run import main_metric
+
+Run = dict[str, Any]
+Pair = tuple[str, str]
+MARKER = re.compile(r"<!-- v:(?P<key>\S+) -->[^\n]*?<!-- /v -->")
+SPLIT_AT = re.compile(r"(?P<split>test|zero_shot)@(?P<at>best_dev|end)(?::(?P<lang>[a-z]+))??"
+                      r"(?P<truncated>:truncated)?")  # fmt: skip
+SUMMARY_FIELDS = {key for key, _ in report.KEYS}
+
+
+def load_runs(folder: Path) -> dict[str, Run]:
+    """File stem -> runner JSON of a folder (not ``summary.json``), ordered by file name."""
+    runs = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+    return {stem: r for stem, r in runs.items() if "runs" in r}
+
+
+def by_seed(runs: Sequence[Run], method: str) -> dict[int, Run]:
+    return {r["config"]["seed"]: r for r in runs if r["config"]["method"] == method}
+
+
+def paired_seeds(runs: Sequence[Run], pair: Pair) -> list[tuple[int, Run, Run]]:
+    """``(seed, run of A, run of B)`` for the seeds both methods of ``pair`` have."""
+    a, b = (by_seed(runs, m) for m in pair)
+    return [(s, a[s], b[s]) for s in sorted(set(a) & set(b))]
+
+
+def seed_interval(diffs: Sequence[float], digits: int = 1) -> str:
+    """95 % t interval of the mean of per-seed values (``– (one seed)`` with one seed)."""
+    if len(diffs) < 2:
+        return "– (one seed)"
+    from scipy.stats import t
+
+    mean = statistics.fmean(diffs)
+    half = float(t.ppf(0.975, len(diffs) - 1)) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return f"[{mean - half:+.{digits}f}, {mean + half:+.{digits}f}]"
+
+
+def run_value(run: Run, quantity: str) -> float:
+    """One run's QUANTITY (module docstring); ``KeyError`` when the run does not have it."""
+    metric = main_metric(run["config"]["kind"])
+    curve = [p for rec in run["runs"].values() for p in rec["curve"]]
+    found: float | None = None
+    if quantity in SUMMARY_FIELDS:
+        found = report.summarise_run(run)[quantity]
+    elif m := SPLIT_AT.fullmatch(quantity):
+        scores = TB.scores_by_language(run, m["at"], m["split"])
+        langs = [m["lang"]] if m["lang"] else list(scores)
+        name = "f1_truncated" if m["truncated"] else metric
+        if langs and all(x in scores and name in scores[x] for x in langs):
+            found = statistics.fmean(scores[x][name] for x in langs)
+    elif quantity.startswith("cosine_from:"):
+        start = int(quantity.split(":")[1])
+        cosines = [
+            p["task_grad_cosine"]
+            for p in curve
+            if p["grad_computations"] >= start and "task_grad_cosine" in p
+        ]
+        found = statistics.fmean(cosines) if cosines else None
+    elif quantity.startswith("dev@"):
+        at = int(quantity[4:])
+        found = next((p["dev_mean"] for p in curve if p["grad_computations"] == at), None)
+    elif quantity == "wall_hours":
+        seconds = [rec.get("wall_seconds") for rec in run["runs"].values()]
+        found = sum(s for s in seconds if s is not None) / 3600 if None not in seconds else None
+    if found is None:
+        raise KeyError(f"quantity {quantity!r}: not in run {run['config']}")
+    return float(found)
+
+
+def _digits(quantity: str) -> int:
+    if quantity.endswith("_at") or quantity == "best_dev_at":
+        return 0
+    if quantity.startswith(("cosine", "mean_task_grad_cosine", "seconds")):
+        return 3
+    return 2 if quantity.startswith("l2") else 1
+
+
+def value(key: str, results: Path, cache: dict[str, dict[str, Run]] | None = None) -> str:
+    """The text of KEY (module docstring), from the JSON files under ``results``."""
+    group, selection, quantity, *rest = key.split("/")
+    statistic = rest[0] if rest else "mean"
+    cache = {} if cache is None else cache
+    if group not in cache:
+        cache[group] = load_runs(results / group) if (results / group).is_dir() else {}
+    runs = cache[group]
+    signed = False
+    if selection in runs:
+        values = [run_value(runs[selection], quantity)]
+        seeds = [runs[selection]["config"]["seed"]]
+    elif "-" in selection:
+        pair = tuple(selection.split("-"))
+        assert len(pair) == 2, key
+        matched = paired_seeds(list(runs.values()), (pair[0], pair[1]))
+        values = [run_value(a, quantity) - run_value(b, quantity) for _, a, b in matched]
+        seeds, signed = [s for s, _, _ in matched], True
+    else:
+        mine = sorted(by_seed(list(runs.values()), selection).items())
+        values = [run_value(r, quantity) for _, r in mine]
+        seeds = [s for s, _ in mine]
+    if not values:
+        raise KeyError(f"{key}: no runs of {selection!r} in {results / group}")
+    d = _digits(quantity)
+
+    def num(x: float) -> str:
+        return f"{x:+.{d}f}" if signed else f"{x:.{d}f}"
+
+    mean = statistics.fmean(values)
+    texts = {
+        "mean": lambda: num(mean),
+        "pm": lambda: (
+            num(mean) + (f" ± {statistics.stdev(values):.{d}f}" if len(values) > 1 else "")
+        ),
+        "min": lambda: num(min(values)),
+        "max": lambda: num(max(values)),
+        "sum": lambda: num(sum(values)),
+        "n": lambda: str(len(values)),
+        "ci": lambda: seed_interval(values, d),
+        "seeds": lambda: ", ".join(str(s) for s in seeds),
+    }
+    if statistic not in texts:
+        raise KeyError(f"{key}: statistic {statistic!r}, expected one of {sorted(texts)}")
+    return texts[statistic]()
+
+
+def fill_values(text: str, results: Path) -> str:
+    """``text`` with every ``<!-- v:KEY -->...<!-- /v -->`` holding :func:`value` of KEY."""
+    cache: dict[str, dict[str, Run]] = {}
+
+    def replace(match: re.Match[str]) -> str:
+        key = match["key"]
+        return f"<!-- v:{key} -->{value(key, results, cache)}<!-- /v -->"
+
+    return MARKER.sub(replace, text)

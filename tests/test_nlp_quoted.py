@@ -1,0 +1,126 @@
+"""The numbers the results page and the README quote in their prose, and the rescoring and
+machine-time tables, on runner JSON files written here."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks.nlp import quoted as Q
+from benchmarks.nlp import write_results as W
+
+
+def _scores(base: float) -> dict[str, dict[str, float]]:
+    return {
+        "hau": {"f1": base, "f1_truncated": base - 2},
+        "yor": {"f1": base + 10, "f1_truncated": base},
+    }
+
+
+def _run(method: str, seed: int, level: float) -> dict[str, Any]:
+    curve = [
+        {"grad_computations": n, "dev_mean": level * n / 200, "l2_from_pretrained": n / 100,
+         "task_grad_cosine": 1 - n / 400}
+        for n in (0, 100, 200)
+    ]  # fmt: skip
+    point = {"grad_computations": 200, "dev_mean": level, "test": _scores(level)}
+    record = {
+        "curve": curve, "best_dev": point, "end": point, "l2_from_pretrained_end": 2.0,
+        "seconds_per_grad_computation": 0.5, "wall_seconds": 1800.0 + seed, "eval_seconds": 600.0,
+    }  # fmt: skip
+    config = {"method": method, "seed": seed, "kind": "ner", "lr": 1e-4, "budget": 200,
+              "eval_scoring": {"mode": "windows"}}  # fmt: skip
+    return {"config": config, "runs": {"all": record}}
+
+
+@pytest.fixture
+def results(tmp_path: Path) -> Path:
+    group = tmp_path / "g"
+    group.mkdir()
+    levels = {("mtl", 0): 60.0, ("mtl", 1): 64.0, ("mtl", 2): 62.0,
+              ("seqreptile", 0): 70.0, ("seqreptile", 1): 71.0}  # fmt: skip
+    for (method, seed), level in levels.items():
+        (group / f"{method}_seed{seed}.json").write_text(json.dumps(_run(method, seed, level)))
+    (group / "summary.json").write_text("{}")  # not a run
+    return tmp_path
+
+
+def test_a_method_over_its_seeds(results: Path) -> None:
+    assert Q.value("g/mtl/best_dev", results) == "62.0"
+    assert Q.value("g/mtl/best_dev/pm", results) == "62.0 ± 2.0"
+    assert Q.value("g/mtl/best_dev/n", results) == "3"
+    assert Q.value("g/mtl/best_dev/seeds", results) == "0, 1, 2"
+    assert Q.value("g/mtl/best_dev/min", results) == "60.0"
+    assert Q.value("g/mtl/l2_end", results) == "2.00"
+    assert Q.value("g/mtl/wall_hours/sum", results) == f"{(3 * 1800 + 3) / 3600:.1f}"
+    assert Q.value("g/seqreptile_seed1/best_dev", results) == "71.0"  # one file
+
+
+def test_a_pair_is_paired_by_seed(results: Path) -> None:
+    """Seed 2 has no SeqReptile run, so the difference is over seeds 0 and 1 only."""
+    assert Q.value("g/seqreptile-mtl/best_dev", results) == "+8.5"
+    assert Q.value("g/seqreptile-mtl/best_dev/seeds", results) == "0, 1"
+    assert Q.value("g/seqreptile-mtl/best_dev/ci", results) == Q.seed_interval([10.0, 7.0])
+    assert Q.value("g/mtl-seqreptile/best_dev", results) == "-8.5"
+
+
+def test_languages_old_scoring_and_curve_points(results: Path) -> None:
+    assert Q.value("g/mtl_seed0/test@best_dev", results) == "65.0"  # mean of 60 and 70
+    assert Q.value("g/mtl_seed0/test@best_dev:yor", results) == "70.0"
+    assert Q.value("g/mtl_seed0/test@end:truncated", results) == "59.0"
+    assert Q.value("g/mtl_seed0/test@best_dev:yor:truncated", results) == "60.0"
+    assert Q.value("g/mtl_seed0/dev@100", results) == "30.0"
+    # the points at >= 100 computations: cosines 0.75 and 0.5
+    assert Q.value("g/mtl_seed0/cosine_from:100", results) == "0.625"
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        ("g/mtl/zero_shot@best_dev", "zero_shot@best_dev"),  # no zero-shot scores
+        ("g/mtl/dev@150", "dev@150"),  # no such point
+        ("g/mtl/nonsense", "nonsense"),
+        ("g/mtl/best_dev/median", "median"),
+        ("g/stl/best_dev", "no runs of 'stl'"),
+        ("absent/mtl/best_dev", "no runs"),
+    ],
+)
+def test_a_number_that_is_not_there_is_an_error(results: Path, key: str, message: str) -> None:
+    with pytest.raises(KeyError, match=message):
+        Q.value(key, results)
+
+
+def test_fill_values_rewrites_the_quoted_numbers_only(results: Path) -> None:
+    text = "MTL <!-- v:g/mtl/best_dev -->55.5<!-- /v --> (n = <!-- v:g/mtl/best_dev/n -->x<!-- /v -->); 1.0 stays"
+    filled = Q.fill_values(text, results)
+    assert filled == (
+        "MTL <!-- v:g/mtl/best_dev -->62.0<!-- /v --> (n = <!-- v:g/mtl/best_dev/n -->3<!-- /v -->); 1.0 stays"
+    )
+    assert Q.fill_values(filled, results) == filled
+
+
+def test_check_fails_on_a_stale_quoted_number(results: Path, tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text("SeqReptile <!-- v:g/seqreptile/best_dev -->70.0<!-- /v -->\n")
+    assert W.main(["--results", str(results), "--pages", str(page), "--check"]) == 1
+    assert W.main(["--results", str(results), "--pages", str(page)]) == 0
+    assert page.read_text() == "SeqReptile <!-- v:g/seqreptile/best_dev -->70.5<!-- /v -->\n"
+    assert W.main(["--results", str(results), "--pages", str(page), "--check"]) == 0
+
+
+def test_rescoring_table_gives_the_change_of_scoring(results: Path) -> None:
+    runs = list(Q.load_runs(results / "g").values())
+    table = W.rescoring_table(W.Group("g"), runs)
+    mtl = next(line for line in table.splitlines() if line.startswith("| MTL |"))
+    new = statistics.fmean([65.0, 69.0, 67.0])  # per seed, the mean of its two languages
+    assert mtl == f"| MTL | 3 | test F1 | {new:.1f} | {new - 6:.1f} | +6.0 | hau +2.0, yor +10.0 |"
+
+
+def test_machine_table_sums_the_wall_time(results: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(W, "GROUPS", [W.Group("g")])
+    table = W.machine_table(results)
+    assert f"| g | 5 | {(5 * 1800 + 4) / 3600:.1f} | 30 | 33 % |" in table
