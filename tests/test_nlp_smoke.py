@@ -401,7 +401,8 @@ def test_campaign_jobs_are_valid_runner_commands(monkeypatch: pytest.MonkeyPatch
     from benchmarks.nlp import campaign as C
 
     monkeypatch.setattr(C, "chosen_setting", lambda: (100, 0.5))
-    monkeypatch.setattr(C, "chosen_lr", lambda method: {"mtl": "5e-4"}.get(method, "3e-4"))
+    chosen = {"mtl": "5e-4", "sequential": "3e-4", "seqreptile": "2e-4"}
+    monkeypatch.setattr(C, "chosen_lr", chosen.__getitem__)
     jobs = C.jobs()
     assert len({j.out for j in jobs}) == len(jobs)
     for job in jobs:
@@ -412,12 +413,18 @@ def test_campaign_jobs_are_valid_runner_commands(monkeypatch: pytest.MonkeyPatch
         if job.group == "lr":  # tuned on dev only, on a seed no table reports
             assert cfg.dev_only and cfg.seed == C.LR_SEED and cfg.probe == "none"
             assert f"_lr{cfg.lr:.0e}".replace("e-0", "e-") in job.name
-        if job.group == "tuned":
-            assert cfg.lr == (5e-4 if cfg.method == "mtl" else 3e-4)
+        family = "seqreptile" if cfg.method in ("seqreptile", "reptile") else "sequential"
+        if cfg.method in ("mtl", "pcgrad", "gradvac", "gradnorm", "recadam"):
+            family = "mtl"  # the methods that step on MTL batches
+        if job.group.startswith("tuned"):  # the rate chosen on dev for the method's family
+            assert cfg.lr == float(chosen[family])
             assert cfg.seed in C.TUNED_SEEDS and C.LR_SEED not in C.TUNED_SEEDS
-            assert C._lr_out(cfg.method, "1e-4") in job.needs
-        if job.group == "long_seeds":
-            assert cfg.curve_zero_shot and cfg.budget == 5000 and cfg.lr == 1e-4
+            assert C._lr_out(family, "1e-4") in job.needs
+        if job.group == "tuned_baselines" and cfg.method == "recadam":
+            assert cfg.recadam_t0 == 100  # half of its 200 MTL steps
+        if job.group == "long_seeds":  # MTL tuned; the others as in the one-seed long run
+            assert cfg.curve_zero_shot and cfg.budget == 5000
+            assert cfg.lr == (5e-4 if cfg.method == "mtl" else 1e-4)
         if cfg.method == "seqreptile" and job.group in ("lr", "tuned", "long_seeds"):
             assert (cfg.inner_steps, cfg.outer_lr) == (
                 (250, 0.5) if job.group == "long_seeds" else (100, 0.5)
@@ -428,7 +435,9 @@ def test_campaign_jobs_are_valid_runner_commands(monkeypatch: pytest.MonkeyPatch
         if job.group == "imbalanced":
             assert "swa=100" in C._argv(job)
         if cfg.method == "stl":  # the same total budget as the group's, split over the tasks
-            group = {"balanced": C.BALANCED, "wikiann": C.WIKIANN}[job.group]
+            budgets = {"balanced": C.BALANCED, "tuned_baselines": C.BALANCED,
+                       "wikiann": C.WIKIANN, "tuned_wikiann": C.WIKIANN}  # fmt: skip
+            group = budgets[job.group]
             assert cfg.budget * len(cfg.train_tasks) == int(group[group.index("--budget") + 1])
 
 
@@ -445,6 +454,58 @@ def test_campaign_rejects_bad_arguments(
     with pytest.raises(SystemExit):
         C.main([*argv, "--dry-run"])
     assert message in capsys.readouterr().err
+
+
+def _copy_jobs(C: Any, tmp_path: Path, names: list[str]) -> list[Any]:
+    """Jobs that copy a file (no runner process), in group ``g``."""
+    source = tmp_path / "source.json"
+    source.write_text("{}")
+    return [C.Job("g", name, [], copy_of=lambda: source) for name in names]
+
+
+def test_campaign_starts_no_run_that_would_end_after_hours(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from benchmarks.nlp import campaign as C
+
+    monkeypatch.setattr(C, "RESULTS", tmp_path)
+    monkeypatch.setattr(C, "COMMON", [])
+    jobs = _copy_jobs(C, tmp_path, ["short", "long", "after_long"])
+    jobs[2].needs = [jobs[1].out]
+    monkeypatch.setattr(C, "jobs", lambda: jobs)
+    monkeypatch.setattr(C, "expected_seconds", lambda job: 3600.0 if job.name == "long" else 1.0)
+    C.main(["--workers", "1", "--hours", "0.5"])
+    assert [p.stem for p in (tmp_path / "g").glob("*.json")] == ["short"]
+    out = capsys.readouterr().out
+    assert "g/long: left for later" in out and "g/after_long: skipped" in out
+
+
+def test_a_restarted_campaign_counts_the_runs_still_going(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run a stopped campaign left running holds a worker's core: with one worker, the
+    restarted campaign starts nothing until that run's process has ended."""
+    import subprocess
+    import threading
+    import time
+
+    from benchmarks.nlp import campaign as C
+
+    monkeypatch.setattr(C, "RESULTS", tmp_path)
+    monkeypatch.setattr(C, "COMMON", [])
+    monkeypatch.setattr(C, "POLL_SECONDS", 0.05)
+    left, mine = _copy_jobs(C, tmp_path, ["left_running", "next"])
+    monkeypatch.setattr(C, "jobs", lambda: [left, mine])
+    left.out.parent.mkdir(parents=True)
+    start = time.time()
+    orphan = subprocess.Popen(["sleep", "1.5"])
+    C._pid_file(left).write_text(str(orphan.pid))
+    reaper = threading.Thread(target=orphan.wait)  # init reaps a real orphan
+    reaper.start()
+    C.main(["--workers", "1"])
+    reaper.join()
+    assert mine.out.exists() and not left.out.exists()
+    assert mine.out.stat().st_mtime - start >= 1.4
 
 
 def test_config_records_the_scoring_and_the_caps(

@@ -25,7 +25,8 @@ Groups (see ``docs/results.md``):
   and eta = 0.5 for SeqReptile (K = 50 for Reptile), seed 0.
 
 Every group above was scored by the runner before issue 17 (sentences cut at 64 sub-words,
-the cut-off words counted as O). The groups of issue 17 are scored on every word
+the cut-off words counted as O), with learning rate 1e-4 for every method. The groups of
+issue 17 are scored on every word
 (``benchmarks.nlp.run.eval_scoring``; their JSONs record it in ``config.eval_scoring``):
 
 * ``lr``: learning-rate tuning on dev only, balanced tasks, 1000 computations, seed 100
@@ -36,33 +37,39 @@ the cut-off words counted as O). The groups of issue 17 are scored on every word
   rates, seeds 1-3 (neither the sweep's seed 0, which chose K and eta, nor the tuning
   seed; no run is copied from another group).
 * ``long_seeds``: the long run with zero-shot scores at every evaluation point
-  (``--curve-zero-shot``), learning rate 1e-4 as in ``long``: SeqReptile (K = 250,
-  eta = 0.5) and the equal-steps control for seeds 1 and 2, then both for seed 0 again
-  (so that all three seeds share the scoring), then MTL for seeds 1, 2, 0.
+  (``--curve-zero-shot``): SeqReptile (K = 250, eta = 0.5) and the equal-steps control at
+  learning rate 1e-4 as in ``long``, for seeds 1 and 2, then both for seed 0 again (so that
+  all three seeds share the scoring), then MTL for seeds 1, 2, 0 at its tuned rate (the
+  1e-4 of ``long`` was not chosen for it).
 
-Machine time, estimated from the committed JSONs' seconds per gradient computation
-(0.42-0.47 s at one thread beside a second run) plus evaluation measured on this machine
-for the new scoring (one thread, bf16: 10.8 s per dev pass of 5 x 200 sentences, 21 s per
-zero-shot pass, about 42 s per test pass; windows add 55 % tokens to dev, 74 % to test and
-31 % to the zero-shot sets), about 30 s of loading, and the task-gradient probe (about 10 s
-per point; with it the same estimate gives the 47 minutes a ``long`` run took before):
+The groups scored before issue 17 are run again, scored on every word and each method at
+the rate :func:`family_lr` chose on dev for its family (MTL's for the methods that step on
+MTL batches, SeqReptile's for Reptile, the control's for STL), seeds from ``TUNED_SEEDS``;
+GradVac with the library's per-layer blocks:
+
+* ``tuned_baselines``: PCGrad, GradVac, GradNorm, RecAdam, Reptile and STL, balanced, seed 1;
+* ``tuned_wikiann``: the ``wikiann`` runs, headline methods seeds 1-3, the others seed 1;
+* ``tuned_imbalanced``: the ``imbalanced`` runs, headline methods seeds 1-3 (they take the
+  place of its seed 2, never run).
+
+Machine time (``python -m benchmarks.nlp.write_results`` tabulates the measured
+``wall_seconds``): an ``lr`` run took 13-15 minutes on one thread beside a second run, 28 %
+of it evaluation. Estimated from that and the older runs' seconds per computation:
 
 ==========================================  ====  =========  ===============  ============
 group                                       runs  min / run  machine, min     wall, 2 wkrs
 ==========================================  ====  =========  ===============  ============
-``lr``                                      9     10         90               45 min
-``tuned``                                   9     14         126              1 h 05
-``long_seeds``: SeqReptile, control, s1-2   4     56         224              1 h 55
-``long_seeds``: SeqReptile, control, s0     2     56         112              1 h
+``lr``                                      9     14         126              1 h 05
+``tuned``                                   9     16         144              1 h 10
+``long_seeds``: SeqReptile, control, s0-2   6     56         336              2 h 50
 ``long_seeds``: MTL, s0-2                   3     54         162              1 h 25
+``tuned_baselines``                         6     15         90               45 min
+``tuned_wikiann``                           16    9          144              1 h 10
+``tuned_imbalanced``                        12    22         264              2 h 10
 ==========================================  ====  =========  ===============  ============
 
-``lr`` and ``tuned`` together take about 1 h 50 of wall time (a ``tuned`` run starts as
-soon as its method's three ``lr`` runs are done); the four runs of ``long_seeds`` seeds 1-2
-another 1 h 55, so the issue's minimum is about 3 h 45 of the two cores. Each long run
-spends about 7 minutes of its 56 scoring the zero-shot sets at its 21 evaluation points.
-New JSONs record ``eval_seconds`` and ``wall_seconds`` per run, so later estimates can use
-measured figures.
+About 10 h of the two cores in all, several sessions: the campaign resumes where it stopped
+(a run cut off mid-way starts again).
 """
 
 from __future__ import annotations
@@ -71,6 +78,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -103,6 +111,7 @@ LR_GRID = ["1e-4", "3e-4", "5e-4"]
 LR_SEED = 100  # the tuning seed, never a reported one
 TUNED_METHODS = ["mtl", "sequential", "seqreptile"]
 TUNED_SEEDS = [1, 2, 3]
+POLL_SECONDS = 10.0  # how often an idle worker looks for a run it may start
 
 
 @dataclass
@@ -216,9 +225,7 @@ def jobs() -> list[Job]:
     for seed in SEEDS[1:]:
         headline("wikiann", WIKIANN, seed, num_tasks=3)
     baselines("wikiann", WIKIANN, num_tasks=3)
-    out += _issue17_jobs(sweep)
-    for seed in SEEDS[1:]:
-        headline("imbalanced", IMBALANCED, seed)
+    out += _issue17_jobs(sweep)  # they supersede the imbalanced seed 2, never run
     return out
 
 
@@ -230,8 +237,8 @@ def _issue17_jobs(sweep: list[Path]) -> list[Job]:
         for lr in LR_GRID:
             fixed = [*BALANCED, "--method", method, "--lr", lr, "--seed", str(LR_SEED),
                      "--dev-only", "--probe", "none"]  # fmt: skip
-            args = _join(fixed, _reptile_args(method, len(LANGS))) if needs else fixed
-            out.append(Job("lr", _lr_out(method, lr).stem, args, needs=needs))
+            grid = _join(fixed, _reptile_args(method, len(LANGS))) if needs else fixed
+            out.append(Job("lr", _lr_out(method, lr).stem, grid, needs=needs))
     for seed in TUNED_SEEDS:
         for method in TUNED_METHODS:
             fixed = [*BALANCED, "--method", method, "--seed", str(seed)]
@@ -239,26 +246,69 @@ def _issue17_jobs(sweep: list[Path]) -> list[Job]:
             needs = [_lr_out(method, lr) for lr in LR_GRID]
             needs += sweep if method == "seqreptile" else []
             out.append(Job("tuned", f"{method}_seed{seed}", _join(fixed, extra), needs=needs))
-    long_runs = {
-        "seqreptile": ["--inner-steps", "250", "--outer-lr", "0.5"],
-        "sequential": [],
-        "mtl": [],
-    }
     order = [(m, s) for s in (1, 2, 0) for m in ("seqreptile", "sequential")]
     order += [("mtl", s) for s in (1, 2, 0)]
     for method, seed in order:
-        args = [*LONG, "--method", method, *long_runs[method], "--seed", str(seed),
-                "--curve-zero-shot"]  # fmt: skip
-        out.append(Job("long_seeds", f"{method}_seed{seed}", args))
+        fixed = [*LONG, "--method", method, "--seed", str(seed), "--curve-zero-shot"]
+        args: list[str] | Callable[[], list[str]] = fixed
+        if method == "seqreptile":  # the setting of the one-seed ``long`` run
+            args = [*fixed, "--inner-steps", "250", "--outer-lr", "0.5"]
+        elif method == "mtl":  # its tuned rate (the 1e-4 of ``long`` handicapped it)
+            args = _join(fixed, _tuned_args("mtl"))
+        needs = [_lr_out("mtl", lr) for lr in LR_GRID] if method == "mtl" else []
+        out.append(Job("long_seeds", f"{method}_seed{seed}", args, needs=needs))
+    out += _rerun_jobs(sweep)
     return out
 
 
-def _tuned_args(method: str) -> Callable[[], list[str]]:
-    """``--lr`` of the ``lr`` group's choice (and SeqReptile's K and eta of the sweep)."""
+def family_lr(method: str) -> str:
+    """The ``lr`` group's choice for a method's family: MTL's for the methods that step on
+    MTL batches, SeqReptile's for Reptile, the sequential control's for STL and itself."""
+    if method in ("mtl", "pcgrad", "gradvac", "gradnorm", "recadam"):
+        return chosen_lr("mtl")
+    return chosen_lr("seqreptile" if method in ("seqreptile", "reptile") else "sequential")
+
+
+def _rerun_jobs(sweep: list[Path]) -> list[Job]:
+    """The groups scored before issue 17, again with every word scored and the learning
+    rates of :func:`family_lr` (module docstring): ``tuned_baselines``, ``tuned_wikiann``,
+    ``tuned_imbalanced``."""
+    out = []
+    tuning = [_lr_out(m, lr) for m in TUNED_METHODS for lr in LR_GRID]
+
+    def add(group: str, budget: list[str], method: str, seed: int, num_tasks: int) -> None:
+        fixed = [*budget, "--method", method, "--seed", str(seed)]
+        if method == "stl":  # one model per task, the same total budget
+            per_task = int(budget[budget.index("--budget") + 1]) // num_tasks
+            fixed += ["--budget", str(per_task), "--eval-every", str(per_task // 4)]
+        if method == "recadam":  # the group's MTL steps: annealing midpoint at half of them
+            steps = int(budget[budget.index("--budget") + 1]) // num_tasks
+            fixed += ["--recadam-t0", str(steps // 2)]
+        needs = tuning + (sweep if method in ("seqreptile", "reptile") else [])
+        args = _join(fixed, _tuned_args(method, num_tasks))
+        out.append(Job(group, f"{method}_seed{seed}", args, needs=needs))
+
+    for method in ("pcgrad", "gradvac", "gradnorm", "recadam", "reptile", "stl"):
+        add("tuned_baselines", BALANCED, method, TUNED_SEEDS[0], len(LANGS))
+    for seed in TUNED_SEEDS:
+        for method in ("mtl", "sequential", "seqreptile", "reptile"):
+            add("tuned_wikiann", WIKIANN, method, seed, 3)
+    for method in ("pcgrad", "gradvac", "gradnorm", "stl"):
+        add("tuned_wikiann", WIKIANN, method, TUNED_SEEDS[0], 3)
+    for seed in TUNED_SEEDS:
+        for method in ("mtl", "sequential", "seqreptile", "reptile"):
+            add("tuned_imbalanced", IMBALANCED, method, seed, len(LANGS))
+    return out
+
+
+def _tuned_args(method: str, num_tasks: int = len(LANGS)) -> Callable[[], list[str]]:
+    """``--lr`` of :func:`family_lr` (and the Reptiles' K and eta of the sweep)."""
 
     def args() -> list[str]:
-        lr = ["--lr", chosen_lr(method)]
-        return [*lr, *_reptile_args(method, len(LANGS))()] if method == "seqreptile" else lr
+        lr = ["--lr", family_lr(method)]
+        if method in ("seqreptile", "reptile"):
+            return [*lr, *_reptile_args(method, num_tasks)()]
+        return lr
 
     return args
 
@@ -285,20 +335,42 @@ def _argv(job: Job) -> list[str]:
     return [sys.executable, "-m", "benchmarks.nlp.run", *COMMON, *args, "--out", str(job.out)]
 
 
+def expected_seconds(job: Job) -> float:
+    """How long ``job`` should take: the median wall time of its group's finished runs of
+    the same method (else of any method, scaled by budget), else 0.9 s per computation."""
+    argv = _argv(job)
+    budget = int(argv[max(i for i, a in enumerate(argv) if a == "--budget") + 1])  # the last
+    method = argv[argv.index("--method") + 1]
+    timed = []
+    for path in job.out.parent.glob("*.json"):
+        run = json.loads(path.read_text())
+        rec = run.get("runs", {}).get("all", {})
+        if "wall_seconds" in rec:
+            timed.append((run["config"]["method"], rec["wall_seconds"] / run["config"]["budget"]))
+    same = [t for m, t in timed if m == method] or [t for _, t in timed] or [0.9]
+    return float(statistics.median(same)) * budget
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--only", "--group", nargs="+", default=None, help="groups to run")
+    ap.add_argument("--hours", type=float, default=None,
+                    help="start no run expected to end later than this from now (the rest "
+                         "is left for the next campaign)")  # fmt: skip
     ap.add_argument("--dry-run", action="store_true", help="list the pending runs")
     args = ap.parse_args(argv)
     groups = dict.fromkeys(j.group for j in jobs())
     if args.workers < 1:
         ap.error(f"--workers: expected a count >= 1, got {args.workers}")
+    if args.hours is not None and args.hours <= 0:
+        ap.error(f"--hours: expected a positive number, got {args.hours}")
     unknown = [g for g in args.only or [] if g not in groups]
     if unknown:
         ap.error(f"--group: unknown groups {unknown}; choose from {list(groups)}")
+    deadline = None if args.hours is None else time.time() + 3600 * args.hours
     todo = [j for j in jobs() if not j.out.exists() and (args.only is None or j.group in args.only)]
-    elsewhere = {j.out for j in todo if _running_elsewhere(j)}
+    elsewhere = {j.out: j for j in todo if _running_elsewhere(j)}
     pending = [j for j in todo if j.out not in elsewhere]
     if args.dry_run:
         for j in pending:
@@ -322,18 +394,26 @@ def main(argv: Sequence[str] | None = None) -> None:
             with lock:
                 if not pending:
                     return None
+                alive = [out for out, j in elsewhere.items() if _running_elsewhere(j)]
+                # runs another campaign left behind still hold their cores
+                free = len(running) + len(alive) < args.workers
                 for j in list(pending):
-                    if all(p.exists() for p in j.needs):
+                    if free and all(p.exists() for p in j.needs):
+                        if deadline is not None and time.time() + expected_seconds(j) > deadline:
+                            print(f"{j.group}/{j.name}: left for later, it would end after "
+                                  "--hours", flush=True)  # fmt: skip
+                            pending.remove(j)
+                            continue
                         pending.remove(j)
                         running.add(j.out)
                         return j
-                # drop the runs whose prerequisites failed (neither done nor coming)
-                coming = running | elsewhere | {p.out for p in pending}
+                # drop the runs whose prerequisites are neither done nor coming
+                coming = running | set(alive) | {p.out for p in pending}
                 for j in list(pending):
                     if not all(p.exists() or p in coming for p in j.needs):
-                        print(f"{j.group}/{j.name}: skipped, a prerequisite failed", flush=True)
+                        print(f"{j.group}/{j.name}: skipped, a prerequisite is not run", flush=True)
                         pending.remove(j)
-            time.sleep(10)
+            time.sleep(POLL_SECONDS)
 
     def worker() -> None:
         while (job := take()) is not None:

@@ -88,6 +88,9 @@ GROUPS = [
     Group("lr", pairs=()),
     Group("tuned"),
     Group("long_seeds", at=("best_dev", "end")),
+    Group("tuned_baselines", pairs=()),
+    Group("tuned_wikiann", task="wikiann"),
+    Group("tuned_imbalanced"),
 ]
 
 
