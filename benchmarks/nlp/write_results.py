@@ -8,7 +8,9 @@ The results page holds generated regions, each between ``<!-- results:NAME -->``
 computed from the JSON files, rewrites every number quoted in the prose of both pages
 (:mod:`benchmarks.nlp.quoted`), and writes all tables, also those the page has no region
 for yet, to ``<results>/all_tables.md``. ``--check`` writes nothing and exits with status 1
-when a page is not up to date.
+when a page is not up to date (it does not redraw the figures: without ``--check`` the
+command also rewrites each group's ``summary.{json,md}`` and ``curves.png``, as
+:mod:`benchmarks.nlp.report` does).
 
 Tables, for each campaign group ``G`` of :data:`GROUPS` (folder ``<results>/G``):
 
@@ -39,6 +41,7 @@ and ``runs`` (which campaign runs are done), ``machine`` (core-hours of the time
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import statistics
 import sys
@@ -294,8 +297,8 @@ def matched_table(runs: list[Run], pair: Pair) -> str:
     metric = main_metric(runs[0]["config"]["kind"])
     a_name, b_name = (_name(m) for m in pair)
     lines = [
-        f"#### {a_name} vs {b_name} at matched dev F1 (the higher of the two best dev F1s "
-        "that both curves reach; first point reaching it, interpolated)",
+        f"#### {a_name} vs {b_name} at matched dev F1 (the highest dev F1 both curves reach; "
+        "the first point reaching it, interpolated)",
         "",
         f"| seed | matched dev F1 | grad. comp. {a_name} / {b_name} | l2 from pretrained "
         f"{a_name} / {b_name} | zero-shot F1 {a_name} / {b_name} | zero-shot difference |",
@@ -571,6 +574,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         for path in stale:
             print(f"{path} is out of date: python -m benchmarks.nlp.write_results")
         return 1 if stale else 0
+    for group in GROUPS:  # each group's summary files and figure (report's)
+        folder = args.results / group.name
+        if folder.is_dir() and (runs := report.load(folder)):
+            summary = report.summarise(runs)
+            (folder / "summary.json").write_text(json.dumps(summary, indent=1))
+            (folder / "summary.md").write_text(report.markdown(summary))
+            report.figure(runs, folder / "curves.png", group.name)
     everything = "\n\n".join(f"## {name}\n\n{text}" for name, text in tables.items())
     (args.results / "all_tables.md").write_text(
         "# Every table of write_results (generated; see docs/results.md)\n\n" + everything + "\n"
