@@ -24,7 +24,7 @@ def _scores(base: float) -> dict[str, dict[str, float]]:
 def _run(method: str, seed: int, level: float) -> dict[str, Any]:
     curve = [
         {"grad_computations": n, "dev_mean": level * n / 200, "l2_from_pretrained": n / 100,
-         "task_grad_cosine": 1 - n / 400}
+         "task_grad_cosine": 1 - n / 400 + level / 1000}
         for n in (0, 100, 200)
     ]  # fmt: skip
     point = {"grad_computations": 200, "dev_mean": level, "test": _scores(level)}
@@ -74,8 +74,24 @@ def test_languages_old_scoring_and_curve_points(results: Path) -> None:
     assert Q.value("g/mtl_seed0/test@end:truncated", results) == "59.0"
     assert Q.value("g/mtl_seed0/test@best_dev:yor:truncated", results) == "60.0"
     assert Q.value("g/mtl_seed0/dev@100", results) == "30.0"
-    # the points at >= 100 computations: cosines 0.75 and 0.5
-    assert Q.value("g/mtl_seed0/cosine_from:100", results) == "0.625"
+    # the points at >= 100 computations: cosines 0.75 and 0.5, plus 60 / 1000
+    assert Q.value("g/mtl_seed0/cosine_from:100", results) == "0.685"
+    assert Q.value("g/mtl/lr", results) == "1e-4"
+
+
+def test_cosine_wins_counts_the_paired_points(results: Path) -> None:
+    """SeqReptile's cosine is above MTL's at every point (its level is higher): 2 points
+    from 100 on, for each of the 2 paired seeds."""
+    assert Q.value("g/seqreptile-mtl/cosine_wins_from:100", results) == "4 of 4"
+    assert Q.value("g/mtl-seqreptile/cosine_wins_from:0", results) == "0 of 6"
+
+
+def test_a_queued_run_reads_not_run_yet(results: Path) -> None:
+    """The campaign queues MTL in ``long_seeds``; nothing queues ``nope`` there."""
+    assert Q.value("long_seeds/mtl/best_dev", results) == "not run yet"
+    assert Q.value("long_seeds/seqreptile-sequential/best_dev/ci", results) == "not run yet"
+    with pytest.raises(KeyError, match="'nope'"):
+        Q.value("long_seeds/nope/best_dev", results)
 
 
 @pytest.mark.parametrize(

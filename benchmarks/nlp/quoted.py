@@ -17,10 +17,15 @@ KEY is ``GROUP/SELECTION/QUANTITY[/STATISTIC]``:
   or ``end``: the mean F1 over the split's languages (or LANG's), ``:truncated`` the F1 of
   the same predictions under the scoring before issue 17; ``cosine_from:N``: the mean
   task-gradient cosine of the curve points at N computations or more; ``dev@N``: mean dev
-  F1 at N computations; ``wall_hours``: the run's wall time;
+  F1 at N computations; ``wall_hours``: the run's wall time; ``lr``: its learning rate;
+  for a pair only, ``cosine_wins_from:N``: at how many of the evaluation points at N
+  computations or more (over all paired seeds) A's task-gradient cosine is above B's;
 * STATISTIC over the selected runs: ``mean`` (the default), ``pm`` (mean ± std), ``min``,
   ``max``, ``sum``, ``n`` (how many runs), ``ci`` (95 % t interval of the mean, over
   seeds), ``seeds``.
+
+A selection the campaign has queued but not run yet reads ``not run yet``; any other KEY
+that does not resolve is an error.
 """
 
 from __future__ import annotations
@@ -96,6 +101,8 @@ def run_value(run: Run, quantity: str) -> float:
     elif quantity.startswith("dev@"):
         at = int(quantity[4:])
         found = next((p["dev_mean"] for p in curve if p["grad_computations"] == at), None)
+    elif quantity == "lr":
+        found = run["config"]["lr"]
     elif quantity == "wall_hours":
         seconds = [rec.get("wall_seconds") for rec in run["runs"].values()]
         found = sum(s for s in seconds if s is not None) / 3600 if None not in seconds else None
@@ -125,9 +132,10 @@ def value(key: str, results: Path, cache: dict[str, dict[str, Run]] | None = Non
         values = [run_value(runs[selection], quantity)]
         seeds = [runs[selection]["config"]["seed"]]
     elif "-" in selection:
-        pair = tuple(selection.split("-"))
-        assert len(pair) == 2, key
-        matched = paired_seeds(list(runs.values()), (pair[0], pair[1]))
+        first, second = selection.split("-")
+        matched = paired_seeds(list(runs.values()), (first, second))
+        if quantity.startswith("cosine_wins_from:") and matched:
+            return cosine_wins(matched, int(quantity.split(":")[1]))
         values = [run_value(a, quantity) - run_value(b, quantity) for _, a, b in matched]
         seeds, signed = [s for s, _, _ in matched], True
     else:
@@ -135,10 +143,14 @@ def value(key: str, results: Path, cache: dict[str, dict[str, Run]] | None = Non
         values = [run_value(r, quantity) for _, r in mine]
         seeds = [s for s, _ in mine]
     if not values:
+        if set(selection.split("-")) <= _queued_methods(group):
+            return "not run yet"
         raise KeyError(f"{key}: no runs of {selection!r} in {results / group}")
     d = _digits(quantity)
 
     def num(x: float) -> str:
+        if quantity == "lr":
+            return report.rate(x)
         return f"{x:+.{d}f}" if signed else f"{x:.{d}f}"
 
     mean = statistics.fmean(values)
@@ -157,6 +169,31 @@ def value(key: str, results: Path, cache: dict[str, dict[str, Run]] | None = Non
     if statistic not in texts:
         raise KeyError(f"{key}: statistic {statistic!r}, expected one of {sorted(texts)}")
     return texts[statistic]()
+
+
+def cosine_wins(matched: Sequence[tuple[int, Run, Run]], start: int) -> str:
+    """``"w of n"``: at w of the n evaluation points from ``start`` computations on (over
+    the paired seeds) A's task-gradient cosine is above B's."""
+    wins = total = 0
+    for _, a, b in matched:
+        cos_b = {
+            p["grad_computations"]: p.get("task_grad_cosine") for p in b["runs"]["all"]["curve"]
+        }
+        for p in a["runs"]["all"]["curve"]:
+            other = cos_b.get(p["grad_computations"])
+            if p["grad_computations"] >= start and other is not None and "task_grad_cosine" in p:
+                total += 1
+                wins += p["task_grad_cosine"] > other
+    if not total:
+        raise KeyError(f"cosine_wins_from:{start}: no paired points with a cosine")
+    return f"{wins} of {total}"
+
+
+def _queued_methods(group: str) -> set[str]:
+    """The methods the campaign queues in ``group``."""
+    from benchmarks.nlp import campaign
+
+    return {j.name.split("_")[0] for j in campaign.jobs() if j.group == group}
 
 
 def fill_values(text: str, results: Path) -> str:
