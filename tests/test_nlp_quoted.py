@@ -89,6 +89,7 @@ def test_cosine_wins_counts_the_paired_points(results: Path) -> None:
 def test_a_queued_run_reads_not_run_yet(results: Path) -> None:
     """The campaign queues MTL in ``long_seeds``; nothing queues ``nope`` there."""
     assert Q.value("long_seeds/mtl/best_dev", results) == "not run yet"
+    assert Q.value("long_seeds/mtl/best_dev/n", results) == "0"
     assert Q.value("long_seeds/seqreptile-sequential/best_dev/ci", results) == "not run yet"
     with pytest.raises(KeyError, match="'nope'"):
         Q.value("long_seeds/nope/best_dev", results)

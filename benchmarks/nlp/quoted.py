@@ -24,8 +24,8 @@ KEY is ``GROUP/SELECTION/QUANTITY[/STATISTIC]``:
   ``max``, ``sum``, ``n`` (how many runs), ``ci`` (95 % t interval of the mean, over
   seeds), ``seeds``.
 
-A selection the campaign has queued but not run yet reads ``not run yet``; any other KEY
-that does not resolve is an error.
+A selection the campaign has queued but not run yet reads ``not run yet`` (its ``n``:
+``0``); any other KEY that does not resolve is an error.
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def value(key: str, results: Path, cache: dict[str, dict[str, Run]] | None = Non
         seeds = [s for s, _ in mine]
     if not values:
         if set(selection.split("-")) <= _queued_methods(group):
-            return "not run yet"
+            return "0" if statistic == "n" else "not run yet"
         raise KeyError(f"{key}: no runs of {selection!r} in {results / group}")
     d = _digits(quantity)
 
