@@ -32,7 +32,7 @@ def _run(method: str, seed: int, level: float) -> dict[str, Any]:
         "curve": curve, "best_dev": point, "end": point, "l2_from_pretrained_end": 2.0,
         "seconds_per_grad_computation": 0.5, "wall_seconds": 1800.0 + seed, "eval_seconds": 600.0,
     }  # fmt: skip
-    config = {"method": method, "seed": seed, "kind": "ner", "lr": 1e-4, "budget": 200,
+    config = {"method": method, "seed": seed, "kind": "ner", "lr": 1e-4, "budget": 200, "max_length": 64,
               "eval_scoring": {"mode": "windows"}}  # fmt: skip
     return {"config": config, "runs": {"all": record}}
 
@@ -64,7 +64,9 @@ def test_a_pair_is_paired_by_seed(results: Path) -> None:
     """Seed 2 has no SeqReptile run, so the difference is over seeds 0 and 1 only."""
     assert Q.value("g/seqreptile-mtl/best_dev", results) == "+8.5"
     assert Q.value("g/seqreptile-mtl/best_dev/seeds", results) == "0, 1"
-    assert Q.value("g/seqreptile-mtl/best_dev/ci", results) == Q.seed_interval([10.0, 7.0])
+    # differences 10 and 7: mean 8.5, std 2.12, t(0.975, 1 dof) = 12.71
+    assert Q.value("g/seqreptile-mtl/best_dev/ci", results) == "[-10.6, +27.6]"
+    assert Q.value("g/mtl/best_dev/ci", results) == "[57.0, 67.0]"  # a level: no signs
     assert Q.value("g/mtl-seqreptile/best_dev", results) == "-8.5"
 
 
@@ -79,6 +81,15 @@ def test_languages_old_scoring_and_curve_points(results: Path) -> None:
     assert Q.value("g/mtl/lr", results) == "1e-4"
 
 
+def test_two_runs_of_one_seed_are_refused(results: Path) -> None:
+    """A grid (several runs of a method and seed) is selected by file stem, not by method."""
+    run = _run("mtl", 0, 99.0)
+    (results / "g" / "mtl_again_seed0.json").write_text(json.dumps(run))
+    with pytest.raises(KeyError, match="two runs of seed 0"):
+        Q.value("g/mtl/best_dev", results)
+    assert Q.value("g/mtl_again_seed0/best_dev", results) == "99.0"
+
+
 def test_cosine_wins_counts_the_paired_points(results: Path) -> None:
     """SeqReptile's cosine is above MTL's at every point (its level is higher): 2 points
     from 100 on, for each of the 2 paired seeds."""
@@ -90,6 +101,7 @@ def test_a_queued_run_reads_not_run_yet(results: Path) -> None:
     """The campaign queues MTL in ``long_seeds``; nothing queues ``nope`` there."""
     assert Q.value("long_seeds/mtl/best_dev", results) == "not run yet"
     assert Q.value("long_seeds/mtl/best_dev/n", results) == "0"
+    assert Q.value("long_seeds/mtl_seed2/best_dev", results) == "not run yet"  # a stem
     assert Q.value("long_seeds/seqreptile-sequential/best_dev/ci", results) == "not run yet"
     with pytest.raises(KeyError, match="'nope'"):
         Q.value("long_seeds/nope/best_dev", results)
@@ -104,6 +116,7 @@ def test_a_queued_run_reads_not_run_yet(results: Path) -> None:
         ("g/mtl/best_dev/median", "median"),
         ("g/stl/best_dev", "no runs of 'stl'"),
         ("absent/mtl/best_dev", "no runs"),
+        ("g/mtl_lr1e-4_seed9/best_dev", "no runs"),  # a stem with '-', not a pair
     ],
 )
 def test_a_number_that_is_not_there_is_an_error(results: Path, key: str, message: str) -> None:
@@ -135,9 +148,15 @@ def test_rescoring_table_gives_the_change_of_scoring(results: Path) -> None:
     mtl = next(line for line in table.splitlines() if line.startswith("| MTL |"))
     new = statistics.fmean([65.0, 69.0, 67.0])  # per seed, the mean of its two languages
     assert mtl == f"| MTL | 3 | test F1 | {new:.1f} | {new - 6:.1f} | +6.0 | hau +2.0, yor +10.0 |"
+    assert "cut at 64 sub-words" in table.splitlines()[0]
 
 
 def test_machine_table_sums_the_wall_time(results: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(W, "GROUPS", [W.Group("g")])
     table = W.machine_table(results)
     assert f"| g | 5 | {(5 * 1800 + 4) / 3600:.1f} | 30 | 33 % |" in table
+    stl = _run("stl", 0, 50.0)  # one model per task: one record each, one run in all
+    stl["runs"] = {"hau": stl["runs"]["all"], "yor": stl["runs"]["all"]}
+    (results / "g" / "stl_seed0.json").write_text(json.dumps(stl))
+    table = W.machine_table(results)
+    assert f"| g | 6 | {(7 * 1800 + 4) / 3600:.1f} | 30 | 33 % |" in table

@@ -477,16 +477,18 @@ def test_campaign_starts_no_run_that_would_end_after_hours(
     C.main(["--workers", "1", "--hours", "0.5"])
     assert [p.stem for p in (tmp_path / "g").glob("*.json")] == ["short"]
     out = capsys.readouterr().out
-    assert "g/long: left for later" in out and "g/after_long: skipped" in out
+    assert "g/long: left for later" in out and "g/after_long: left for later" in out
 
 
 def test_a_restarted_campaign_counts_the_runs_still_going(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A run a stopped campaign left running holds a worker's core: with one worker, the
-    restarted campaign starts nothing until that run's process has ended."""
+    """A run a stopped campaign left going holds a worker's core: with one worker, the
+    restarted campaign starts nothing until that process has ended (and does not wait for
+    its zombie). A pid file naming a process that runs something else does not count."""
+    import os
     import subprocess
-    import threading
+    import sys
     import time
 
     from benchmarks.nlp import campaign as C
@@ -494,18 +496,34 @@ def test_a_restarted_campaign_counts_the_runs_still_going(
     monkeypatch.setattr(C, "RESULTS", tmp_path)
     monkeypatch.setattr(C, "COMMON", [])
     monkeypatch.setattr(C, "POLL_SECONDS", 0.05)
-    left, mine = _copy_jobs(C, tmp_path, ["left_running", "next"])
-    monkeypatch.setattr(C, "jobs", lambda: [left, mine])
+    left, stale, mine = _copy_jobs(C, tmp_path, ["left_running", "stale_pid", "next"])
+    monkeypatch.setattr(C, "jobs", lambda: [left, stale, mine])
     left.out.parent.mkdir(parents=True)
     start = time.time()
-    orphan = subprocess.Popen(["sleep", "1.5"])
+    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)", str(left.out)])
     C._pid_file(left).write_text(str(orphan.pid))
-    reaper = threading.Thread(target=orphan.wait)  # init reaps a real orphan
-    reaper.start()
-    C.main(["--workers", "1"])
-    reaper.join()
-    assert mine.out.exists() and not left.out.exists()
-    assert mine.out.stat().st_mtime - start >= 1.4
+    C._pid_file(stale).write_text(str(os.getpid()))  # alive, but not running that job
+    C.main(["--workers", "1"])  # nobody reaps the orphan: it ends as a zombie
+    orphan.wait()
+    assert mine.out.exists() and stale.out.exists() and not left.out.exists()
+    assert min(mine.out.stat().st_mtime, stale.out.stat().st_mtime) - start >= 1.4
+
+
+def test_two_campaigns_cannot_run_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fcntl
+
+    from benchmarks.nlp import campaign as C
+
+    monkeypatch.setattr(C, "RESULTS", tmp_path)
+    monkeypatch.setattr(C, "COMMON", [])
+    monkeypatch.setattr(C, "jobs", lambda: _copy_jobs(C, tmp_path, ["a"]))
+    with (tmp_path / "campaign.lock").open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(SystemExit, match="another campaign is running"):
+            C.main(["--workers", "1"])
+    assert not (tmp_path / "g" / "a.json").exists()
+    C.main(["--workers", "1"])  # the lock is free again
+    assert (tmp_path / "g" / "a.json").exists()
 
 
 def test_config_records_the_scoring_and_the_caps(

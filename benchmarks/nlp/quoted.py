@@ -45,6 +45,7 @@ from benchmarks.nlp.run import main_metric
 Run = dict[str, Any]
 Pair = tuple[str, str]
 MARKER = re.compile(r"<!-- v:(?P<key>\S+) -->[^\n]*?<!-- /v -->")
+# the language is optional and lazy (``??``), so that ``test@end:truncated`` is no language
 SPLIT_AT = re.compile(r"(?P<split>test|zero_shot)@(?P<at>best_dev|end)(?::(?P<lang>[a-z]+))??"
                       r"(?P<truncated>:truncated)?")  # fmt: skip
 SUMMARY_FIELDS = {key for key, _ in report.KEYS}
@@ -57,7 +58,15 @@ def load_runs(folder: Path) -> dict[str, Run]:
 
 
 def by_seed(runs: Sequence[Run], method: str) -> dict[int, Run]:
-    return {r["config"]["seed"]: r for r in runs if r["config"]["method"] == method}
+    """seed -> the run of ``method``; ``KeyError`` if two runs share a seed (a grid such as
+    the ``lr`` group: select its runs by file stem)."""
+    out: dict[int, Run] = {}
+    for r in runs:
+        if r["config"]["method"] == method:
+            if r["config"]["seed"] in out:
+                raise KeyError(f"{method!r} has two runs of seed {r['config']['seed']}")
+            out[r["config"]["seed"]] = r
+    return out
 
 
 def paired_seeds(runs: Sequence[Run], pair: Pair) -> list[tuple[int, Run, Run]]:
@@ -66,15 +75,17 @@ def paired_seeds(runs: Sequence[Run], pair: Pair) -> list[tuple[int, Run, Run]]:
     return [(s, a[s], b[s]) for s in sorted(set(a) & set(b))]
 
 
-def seed_interval(diffs: Sequence[float], digits: int = 1) -> str:
-    """95 % t interval of the mean of per-seed values (``– (one seed)`` with one seed)."""
-    if len(diffs) < 2:
+def seed_interval(values: Sequence[float], digits: int = 1, signed: bool = True) -> str:
+    """95 % t interval of the mean of per-seed values (``– (one seed)`` with one seed),
+    with signs for differences."""
+    if len(values) < 2:
         return "– (one seed)"
     from scipy.stats import t
 
-    mean = statistics.fmean(diffs)
-    half = float(t.ppf(0.975, len(diffs) - 1)) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-    return f"[{mean - half:+.{digits}f}, {mean + half:+.{digits}f}]"
+    mean = statistics.fmean(values)
+    half = float(t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))
+    sign = "+" if signed else ""
+    return f"[{mean - half:{sign}.{digits}f}, {mean + half:{sign}.{digits}f}]"
 
 
 def run_value(run: Run, quantity: str) -> float:
@@ -105,14 +116,14 @@ def run_value(run: Run, quantity: str) -> float:
         found = run["config"]["lr"]
     elif quantity == "wall_hours":
         seconds = [rec.get("wall_seconds") for rec in run["runs"].values()]
-        found = sum(s for s in seconds if s is not None) / 3600 if None not in seconds else None
+        found = None if None in seconds else sum(seconds) / 3600
     if found is None:
         raise KeyError(f"quantity {quantity!r}: not in run {run['config']}")
     return float(found)
 
 
 def _digits(quantity: str) -> int:
-    if quantity.endswith("_at") or quantity == "best_dev_at":
+    if quantity.endswith("_at"):
         return 0
     if quantity.startswith(("cosine", "mean_task_grad_cosine", "seconds")):
         return 3
@@ -132,7 +143,7 @@ def value(key: str, results: Path, cache: dict[str, dict[str, Run]] | None = Non
         values = [run_value(runs[selection], quantity)]
         seeds = [runs[selection]["config"]["seed"]]
     elif "-" in selection:
-        first, second = selection.split("-")
+        first, _, second = selection.partition("-")
         matched = paired_seeds(list(runs.values()), (first, second))
         if quantity.startswith("cosine_wins_from:") and matched:
             return cosine_wins(matched, int(quantity.split(":")[1]))
@@ -143,7 +154,8 @@ def value(key: str, results: Path, cache: dict[str, dict[str, Run]] | None = Non
         values = [run_value(r, quantity) for _, r in mine]
         seeds = [s for s, _ in mine]
     if not values:
-        if set(selection.split("-")) <= _queued_methods(group):
+        queued = _queued(group)
+        if selection in queued or set(selection.split("-")) <= queued:
             return "0" if statistic == "n" else "not run yet"
         raise KeyError(f"{key}: no runs of {selection!r} in {results / group}")
     d = _digits(quantity)
@@ -163,7 +175,7 @@ def value(key: str, results: Path, cache: dict[str, dict[str, Run]] | None = Non
         "max": lambda: num(max(values)),
         "sum": lambda: num(sum(values)),
         "n": lambda: str(len(values)),
-        "ci": lambda: seed_interval(values, d),
+        "ci": lambda: seed_interval(values, d, signed),
         "seeds": lambda: ", ".join(str(s) for s in seeds),
     }
     if statistic not in texts:
@@ -176,6 +188,8 @@ def cosine_wins(matched: Sequence[tuple[int, Run, Run]], start: int) -> str:
     the paired seeds) A's task-gradient cosine is above B's."""
     wins = total = 0
     for _, a, b in matched:
+        if "all" not in a["runs"] or "all" not in b["runs"]:
+            raise KeyError("cosine_wins_from: needs runs of one model (not STL)")
         cos_b = {
             p["grad_computations"]: p.get("task_grad_cosine") for p in b["runs"]["all"]["curve"]
         }
@@ -189,11 +203,12 @@ def cosine_wins(matched: Sequence[tuple[int, Run, Run]], start: int) -> str:
     return f"{wins} of {total}"
 
 
-def _queued_methods(group: str) -> set[str]:
-    """The methods the campaign queues in ``group``."""
+def _queued(group: str) -> set[str]:
+    """The runs (file stems) and methods the campaign queues in ``group``."""
     from benchmarks.nlp import campaign
 
-    return {j.name.split("_")[0] for j in campaign.jobs() if j.group == group}
+    names = {j.name for j in campaign.jobs() if j.group == group}
+    return names | {name.split("_")[0] for name in names}
 
 
 def fill_values(text: str, results: Path) -> str:
