@@ -406,7 +406,10 @@ def test_campaign_jobs_are_valid_runner_commands(monkeypatch: pytest.MonkeyPatch
     jobs = C.jobs()
     assert len({j.out for j in jobs}) == len(jobs)
     for job in jobs:
-        if job.copy_of is not None:
+        if job.copy_of is not None:  # the same run as in another group
+            if job.group == "same_lr":
+                assert job.copy_of() == C.RESULTS / "tuned" / f"{job.name}.json"
+                assert job.name.startswith("sequential") and job.copy_of() in job.needs
             continue
         cfg, _ = R.build_config(R.parse_args(C._argv(job)[3:-2]))
         assert job.name.startswith(cfg.method)
@@ -425,7 +428,10 @@ def test_campaign_jobs_are_valid_runner_commands(monkeypatch: pytest.MonkeyPatch
         if job.group == "long_seeds":  # MTL tuned; the others as in the one-seed long run
             assert cfg.curve_zero_shot and cfg.budget == 5000
             assert cfg.lr == (5e-4 if cfg.method == "mtl" else 1e-4)
-        if cfg.method == "seqreptile" and job.group in ("lr", "tuned", "long_seeds"):
+        if job.group == "same_lr":  # SeqReptile at the control's rate
+            assert cfg.method == "seqreptile" and cfg.lr == float(chosen["sequential"])
+            assert cfg.seed in C.TUNED_SEEDS
+        if cfg.method == "seqreptile" and job.group in ("lr", "tuned", "same_lr", "long_seeds"):
             assert (cfg.inner_steps, cfg.outer_lr) == (
                 (250, 0.5) if job.group == "long_seeds" else (100, 0.5)
             )

@@ -43,6 +43,8 @@ issue 17 are scored on every word
 * ``tuned``: the balanced comparison of MTL, the control and SeqReptile at their chosen
   rates, seeds 1-3 (neither the sweep's seed 0, which chose K and eta, nor the tuning
   seed; no run is copied from another group).
+* ``same_lr``: SeqReptile at the control's chosen rate, seeds 1-3, beside the ``tuned``
+  control runs of those seeds (copied): the effect of the outer update alone, at one rate.
 * ``long_seeds``: the long run with zero-shot scores at every evaluation point
   (``--curve-zero-shot``): SeqReptile (K = 250, eta = 0.5) and the equal-steps control at
   learning rate 1e-4 as in ``long``, for seeds 1 and 2, then both for seed 0 again (so that
@@ -93,6 +95,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -255,6 +258,18 @@ def _issue17_jobs(sweep: list[Path]) -> list[Job]:
             needs = [_lr_out(method, lr) for lr in LR_GRID]
             needs += sweep if method == "seqreptile" else []
             out.append(Job("tuned", f"{method}_seed{seed}", _join(fixed, extra), needs=needs))
+    for seed in TUNED_SEEDS:  # the outer update alone: SeqReptile at the control's rate
+        fixed = [*BALANCED, "--method", "seqreptile", "--seed", str(seed)]
+        needs = [_lr_out(m, lr) for m in ("sequential", "seqreptile") for lr in LR_GRID] + sweep
+        at_control_rate = _join_all(
+            lambda: ["--lr", chosen_lr("sequential")], _reptile_args("seqreptile", len(LANGS))
+        )
+        out.append(
+            Job("same_lr", f"seqreptile_seed{seed}", _join(fixed, at_control_rate), needs=needs)
+        )
+        control = RESULTS / "tuned" / f"sequential_seed{seed}.json"
+        copy = partial(Path, control)  # the same run: the control at its own tuned rate
+        out.append(Job("same_lr", f"sequential_seed{seed}", [], needs=[control], copy_of=copy))
     order = [(m, s) for s in (1, 2, 0) for m in ("seqreptile", "sequential")]
     order += [("mtl", s) for s in (1, 2, 0)]
     for method, seed in order:
@@ -324,6 +339,10 @@ def _tuned_args(method: str, num_tasks: int = len(LANGS)) -> Callable[[], list[s
 
 def _join(fixed: list[str], extra: Callable[[], list[str]]) -> Callable[[], list[str]]:
     return lambda: [*fixed, *extra()]
+
+
+def _join_all(*extras: Callable[[], list[str]]) -> Callable[[], list[str]]:
+    return lambda: [arg for extra in extras for arg in extra()]
 
 
 def _pid_file(job: Job) -> Path:
