@@ -506,12 +506,16 @@ def test_a_restarted_campaign_counts_the_runs_still_going(
     monkeypatch.setattr(C, "jobs", lambda: [left, stale, mine])
     left.out.parent.mkdir(parents=True)
     start = time.time()
-    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)", str(left.out)])
+    finish = "import sys, time; time.sleep(1.5); open(sys.argv[1], 'w').write('{}')"
+    orphan = subprocess.Popen([sys.executable, "-c", finish, str(left.out)])
     C._pid_file(left).write_text(str(orphan.pid))
+    left.out.with_suffix(".log").write_text("its output")
     C._pid_file(stale).write_text(str(os.getpid()))  # alive, but not running that job
     C.main(["--workers", "1"])  # nobody reaps the orphan: it ends as a zombie
     orphan.wait()
-    assert mine.out.exists() and stale.out.exists() and not left.out.exists()
+    assert mine.out.exists() and stale.out.exists() and left.out.exists()
+    # the finished run's pid and log files are tidied away, as its own campaign would have
+    assert not C._pid_file(left).exists() and not left.out.with_suffix(".log").exists()
     assert min(mine.out.stat().st_mtime, stale.out.stat().st_mtime) - start >= 1.4
 
 

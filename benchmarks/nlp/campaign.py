@@ -441,7 +441,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             with lock:
                 if not pending or (deadline is not None and time.time() > deadline):
                     return None
-                alive = {out for out, j in elsewhere.items() if _running_elsewhere(j)}
+                for out, j in list(elsewhere.items()):
+                    if not _running_elsewhere(j):  # ended: its campaign cannot tidy up
+                        del elsewhere[out]
+                        if out.exists():
+                            _pid_file(j).unlink(missing_ok=True)
+                            out.with_suffix(".log").unlink(missing_ok=True)
+                alive = set(elsewhere)
                 free = len(running) + len(alive) < args.workers
                 for j in list(pending):
                     if free and all(p.exists() for p in j.needs):
