@@ -409,7 +409,7 @@ def test_campaign_jobs_are_valid_runner_commands(monkeypatch: pytest.MonkeyPatch
         if job.copy_of is not None:  # the same run as in another group
             if job.group == "same_lr":
                 assert job.copy_of() == C.RESULTS / "tuned" / f"{job.name}.json"
-                assert job.name.startswith("sequential") and job.copy_of() in job.needs
+                assert job.name.startswith(("sequential", "mtl")) and job.copy_of() in job.needs
             continue
         cfg, _ = R.build_config(R.parse_args(C._argv(job)[3:-2]))
         assert job.name.startswith(cfg.method)

@@ -44,7 +44,8 @@ issue 17 are scored on every word
   rates, seeds 1-3 (neither the sweep's seed 0, which chose K and eta, nor the tuning
   seed; no run is copied from another group).
 * ``same_lr``: SeqReptile at the control's chosen rate, seeds 1-3, beside the ``tuned``
-  control runs of those seeds (copied): the effect of the outer update alone, at one rate.
+  runs of the control and MTL of those seeds (copied): the effect of the outer update
+  alone, at one rate, and SeqReptile at a rate stable on every seed against the tuned MTL.
 * ``long_seeds``: the long run with zero-shot scores at every evaluation point
   (``--curve-zero-shot``): SeqReptile (K = 250, eta = 0.5) and the equal-steps control at
   learning rate 1e-4 as in ``long``, for seeds 1 and 2, then both for seed 0 again (so that
@@ -267,9 +268,10 @@ def _issue17_jobs(sweep: list[Path]) -> list[Job]:
         out.append(
             Job("same_lr", f"seqreptile_seed{seed}", _join(fixed, at_control_rate), needs=needs)
         )
-        control = RESULTS / "tuned" / f"sequential_seed{seed}.json"
-        copy = partial(Path, control)  # the same run: the control at its own tuned rate
-        out.append(Job("same_lr", f"sequential_seed{seed}", [], needs=[control], copy_of=copy))
+        for method in ("sequential", "mtl"):  # the same runs, at their own tuned rates
+            same = RESULTS / "tuned" / f"{method}_seed{seed}.json"
+            name = f"{method}_seed{seed}"
+            out.append(Job("same_lr", name, [], needs=[same], copy_of=partial(Path, same)))
     order = [(m, s) for s in (1, 2, 0) for m in ("seqreptile", "sequential")]
     order += [("mtl", s) for s in (1, 2, 0)]
     for method, seed in order:

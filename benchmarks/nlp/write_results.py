@@ -90,7 +90,7 @@ GROUPS = [
     Group("wikiann", task="wikiann"),
     Group("lr", pairs=()),
     Group("tuned"),
-    Group("same_lr", pairs=(("seqreptile", "sequential"),)),
+    Group("same_lr"),
     Group("long_seeds", at=("best_dev", "end")),
     Group("tuned_baselines", pairs=()),
     Group("tuned_wikiann", task="wikiann"),
