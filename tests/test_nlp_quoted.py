@@ -160,3 +160,10 @@ def test_machine_table_sums_the_wall_time(results: Path, monkeypatch: pytest.Mon
     (results / "g" / "stl_seed0.json").write_text(json.dumps(stl))
     table = W.machine_table(results)
     assert f"| g | 6 | {(7 * 1800 + 4) / 3600:.1f} | 30 | 33 % |" in table
+    copies = results / "h"  # a later group holding copies of g's runs and one of its own
+    copies.mkdir()
+    for name in ("mtl_seed0", "stl_seed0"):
+        (copies / f"{name}.json").write_text((results / "g" / f"{name}.json").read_text())
+    (copies / "mtl_seed5.json").write_text(json.dumps(_run("mtl", 5, 1.0)))
+    monkeypatch.setattr(W, "GROUPS", [W.Group("g"), W.Group("h")])
+    assert f"| h | 1 | {1805 / 3600:.1f} | 30 | 33 % |" in W.machine_table(results)

@@ -616,13 +616,16 @@ def test_results_page_generator_with_bootstrap_and_matched_zero_shot(
             (group / f"{method}_seed{seed}.json").write_text(json.dumps(result))
     spec = W.Group("g", pairs=(("seqreptile", "sequential"),))
     tables = W.group_tables(spec, tmp_path / "results")
-    assert set(tables) == {"g", "g-best_dev", "g-paired", "g-matched", "g-plateau"}
+    assert set(tables) == {"g", "g-best_dev", "g-paired", "g-matched", "g-plateau", "g-rescoring"}
+    assert "cut at 8 sub-words" in tables["g-rescoring"]
+    assert "| Seq.Reptile | 2 | test F1 |" in tables["g-rescoring"]
+    assert "| Sequential | 2 | zero-shot F1 |" in tables["g-rescoring"]
     assert "every word scored (windows of 8 tokens, stride 4)" in tables["g"]
     assert "unavailable" not in tables["g-paired"]
     assert "| pcm |" in tables["g-paired"] and "seeds 0, 1" in tables["g-paired"]
     assert "unavailable" not in tables["g-matched"] and "| pcm |" in tables["g-matched"]
     page = tmp_path / "page.md"
     page.write_text("# t\n\n<!-- results:runs -->\n<!-- /results:runs -->\n")
-    assert W.main(["--results", str(tmp_path / "results"), "--page", str(page)]) == 0
+    assert W.main(["--results", str(tmp_path / "results"), "--pages", str(page)]) == 0
     assert "| lr | – |" in page.read_text()
-    assert W.main(["--results", str(tmp_path / "results"), "--page", str(page), "--check"]) == 0
+    assert W.main(["--results", str(tmp_path / "results"), "--pages", str(page), "--check"]) == 0

@@ -454,19 +454,24 @@ def rescoring_table(group: Group, runs: list[Run], at: str = "best_dev") -> str:
 
 def machine_table(results: Path) -> str:
     """Machine time of the runs that record it (``wall_seconds``, from issue 17 on), per
-    group: each run used one core, so hours of runs are core-hours."""
+    group, a copied run only where it was made: each run used one core, so hours of runs
+    are core-hours."""
     lines = [
         "| group | runs timed | core-hours | minutes per run (median) | of which evaluation |",
         "|---|---|---|---|---|",
     ]
+    made: set[str] = set()  # a run copied into a later group (same_lr) is counted once
     for group in GROUPS:
         folder = results / group.name
         runs = list(load_runs(folder).values()) if folder.is_dir() else []
-        timed = [
-            list(r["runs"].values())
-            for r in runs
-            if all("wall_seconds" in rec for rec in r["runs"].values())
-        ]  # per JSON, over its records (STL: one per task)
+        timed = []  # per JSON, over its records (STL: one per task)
+        for r in runs:
+            recs = list(r["runs"].values())
+            if all("wall_seconds" in rec for rec in recs):
+                identity = json.dumps([r["config"], [rec["wall_seconds"] for rec in recs]])
+                if identity not in made:
+                    made.add(identity)
+                    timed.append(recs)
         if not timed:
             continue
         wall = [sum(rec["wall_seconds"] for rec in recs) for recs in timed]
