@@ -153,12 +153,12 @@ def test_rescoring_table_gives_the_change_of_scoring(results: Path) -> None:
 
 def test_machine_table_sums_the_wall_time(results: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(W, "GROUPS", [W.Group("g")])
-    table = W.machine_table(results)
+    table = W.machine_table(W.load_groups(results))
     assert f"| g | 5 | {(5 * 1800 + 4) / 3600:.1f} | 30 | 33 % |" in table
     stl = _run("stl", 0, 50.0)  # one model per task: one record each, one run in all
     stl["runs"] = {"hau": stl["runs"]["all"], "yor": stl["runs"]["all"]}
     (results / "g" / "stl_seed0.json").write_text(json.dumps(stl))
-    table = W.machine_table(results)
+    table = W.machine_table(W.load_groups(results))
     assert f"| g | 6 | {(7 * 1800 + 4) / 3600:.1f} | 30 | 33 % |" in table
     copies = results / "h"  # a later group holding copies of g's runs and one of its own
     copies.mkdir()
@@ -166,4 +166,4 @@ def test_machine_table_sums_the_wall_time(results: Path, monkeypatch: pytest.Mon
         (copies / f"{name}.json").write_text((results / "g" / f"{name}.json").read_text())
     (copies / "mtl_seed5.json").write_text(json.dumps(_run("mtl", 5, 1.0)))
     monkeypatch.setattr(W, "GROUPS", [W.Group("g"), W.Group("h")])
-    assert f"| h | 1 | {1805 / 3600:.1f} | 30 | 33 % |" in W.machine_table(results)
+    assert f"| h | 1 | {1805 / 3600:.1f} | 30 | 33 % |" in W.machine_table(W.load_groups(results))

@@ -159,7 +159,7 @@ def test_fill_replaces_only_the_regions(tmp_path: Path) -> None:
 def test_the_committed_page_is_what_the_committed_json_give() -> None:
     """docs/results.md's generated regions are up to date (regenerate with
     ``python -m benchmarks.nlp.write_results``); old JSONs say "bootstrap unavailable"."""
-    tables = W.all_tables(W.RESULTS)
+    tables = W.all_tables(W.RESULTS, W.load_groups(W.RESULTS))
     assert "unavailable (no per-sentence counts" in tables["balanced-paired"]
     assert W.main(["--check"]) == 0
 

@@ -615,7 +615,7 @@ def test_results_page_generator_with_bootstrap_and_matched_zero_shot(
                           str(seed), "--curve-zero-shot", "--max-length", "8")  # fmt: skip
             (group / f"{method}_seed{seed}.json").write_text(json.dumps(result))
     spec = W.Group("g", pairs=(("seqreptile", "sequential"),))
-    tables = W.group_tables(spec, tmp_path / "results")
+    tables = W.group_tables(spec, list(W.load_runs(group).values()))
     assert set(tables) == {"g", "g-best_dev", "g-paired", "g-matched", "g-plateau", "g-rescoring"}
     assert "cut at 8 sub-words" in tables["g-rescoring"]
     assert "| Seq.Reptile | 2 | test F1 |" in tables["g-rescoring"]

@@ -75,17 +75,21 @@ def paired_seeds(runs: Sequence[Run], pair: Pair) -> list[tuple[int, Run, Run]]:
     return [(s, a[s], b[s]) for s in sorted(set(a) & set(b))]
 
 
+def format_interval(lo: float, hi: float, digits: int = 1, signed: bool = True) -> str:
+    """``[lo, hi]``, with signs for differences."""
+    sign = "+" if signed else ""
+    return f"[{lo:{sign}.{digits}f}, {hi:{sign}.{digits}f}]"
+
+
 def seed_interval(values: Sequence[float], digits: int = 1, signed: bool = True) -> str:
-    """95 % t interval of the mean of per-seed values (``– (one seed)`` with one seed),
-    with signs for differences."""
+    """95 % t interval of the mean of per-seed values (``– (one seed)`` with one seed)."""
     if len(values) < 2:
         return "– (one seed)"
     from scipy.stats import t
 
     mean = statistics.fmean(values)
     half = float(t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))
-    sign = "+" if signed else ""
-    return f"[{mean - half:{sign}.{digits}f}, {mean + half:{sign}.{digits}f}]"
+    return format_interval(mean - half, mean + half, digits, signed)
 
 
 def run_value(run: Run, quantity: str) -> float:
@@ -211,9 +215,10 @@ def _queued(group: str) -> set[str]:
     return names | {name.split("_")[0] for name in names}
 
 
-def fill_values(text: str, results: Path) -> str:
-    """``text`` with every ``<!-- v:KEY -->...<!-- /v -->`` holding :func:`value` of KEY."""
-    cache: dict[str, dict[str, Run]] = {}
+def fill_values(text: str, results: Path, loaded: dict[str, dict[str, Run]] | None = None) -> str:
+    """``text`` with every ``<!-- v:KEY -->...<!-- /v -->`` holding :func:`value` of KEY
+    (``loaded``: group -> :func:`load_runs` of its folder, where already read)."""
+    cache: dict[str, dict[str, Run]] = dict(loaded or {})
 
     def replace(match: re.Match[str]) -> str:
         key = match["key"]

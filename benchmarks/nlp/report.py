@@ -19,7 +19,7 @@ import argparse
 import json
 import statistics
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,24 +85,26 @@ def summarise_run(run: dict[str, Any]) -> dict[str, Any]:
 
 
 def load(folder: Path) -> dict[str, list[dict[str, Any]]]:
-    """label -> the runs (JSON objects) of that method in the folder, ordered by seed; the
-    methods in the paper's row order. Runs of one method at several learning rates (the
-    ``lr`` group) get one label per rate."""
+    """:func:`by_label` of the runs (JSON objects) in the folder (not ``summary.json``)."""
+    runs = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    return by_label(r for r in runs if "runs" in r)
+
+
+def by_label(runs: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """label -> the runs of that method, ordered by seed; the methods in the paper's row
+    order. Runs of one method at several learning rates (the ``lr`` group) get one label
+    per rate."""
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for path in sorted(folder.glob("*.json")):
-        if path.name == "summary.json":
-            continue
-        run = json.loads(path.read_text())
-        if "runs" in run:
-            groups[label(run["config"])].append(run)
-    for name, runs in list(groups.items()):  # a learning-rate grid: one row per rate
-        rates = sorted({r["config"]["lr"] for r in runs})
+    for run in runs:
+        groups[label(run["config"])].append(run)
+    for name, mine in list(groups.items()):  # a learning-rate grid: one row per rate
+        rates = sorted({r["config"]["lr"] for r in mine})
         if len(rates) > 1:
             del groups[name]
             for lr in rates:
-                groups[f"{name}, lr {rate(lr)}"] = [r for r in runs if r["config"]["lr"] == lr]
-    for runs in groups.values():
-        runs.sort(key=lambda r: r["config"]["seed"])
+                groups[f"{name}, lr {rate(lr)}"] = [r for r in mine if r["config"]["lr"] == lr]
+    for mine in groups.values():
+        mine.sort(key=lambda r: r["config"]["seed"])
     order = list(ROW_NAMES)  # the paper's row order
     return dict(
         sorted(groups.items(), key=lambda kv: (order.index(kv[1][0]["config"]["method"]), kv[0]))

@@ -55,7 +55,13 @@ import numpy as np
 
 from benchmarks.nlp import campaign, report
 from benchmarks.nlp import tables as TB
-from benchmarks.nlp.quoted import fill_values, load_runs, paired_seeds, seed_interval
+from benchmarks.nlp.quoted import (
+    fill_values,
+    format_interval,
+    load_runs,
+    paired_seeds,
+    seed_interval,
+)
 from benchmarks.nlp.run import main_metric
 
 RESULTS = TB.RESULTS
@@ -66,6 +72,7 @@ BOOTSTRAP_SAMPLES = 2000
 Run = dict[str, Any]
 Point = dict[str, Any]  # a curve point
 Pair = tuple[str, str]
+Loaded = dict[str, dict[str, Run]]  # group -> file stem -> run
 
 HEADLINE_PAIRS: tuple[Pair, ...] = (("seqreptile", "sequential"), ("seqreptile", "mtl"))
 
@@ -105,10 +112,6 @@ def _name(method: str) -> str:
 
 def _signed(x: float) -> str:
     return f"{x:+.1f}"
-
-
-def _interval(lo: float, hi: float) -> str:
-    return f"[{lo:+.1f}, {hi:+.1f}]"
 
 
 def parse_counts(text: str) -> np.ndarray:
@@ -203,9 +206,9 @@ def provenance(runs: list[Run]) -> str:
     return f"*{len(runs)} runs; {lr_text}; scored: {scored}.*"
 
 
-def summary_table(folder: Path, runs: list[Run]) -> str:
+def summary_table(runs: list[Run]) -> str:
     """The group's summary table (:func:`benchmarks.nlp.report.markdown`) and its provenance."""
-    text = report.markdown(report.summarise(report.load(folder)))
+    text = report.markdown(report.summarise(report.by_label(runs)))
     return text.split("\n\n")[0] + "\n\n" + provenance(runs)
 
 
@@ -266,7 +269,7 @@ def paired_table(task: str, runs: list[Run], pair: Pair, split: str, at: str) ->
         reps = [r for r in (replicates[x] for x in pick) if r is not None]
         if len(reps) == len(pick):
             mean_rep = np.stack(reps).mean(axis=0)
-            boot = _interval(*np.percentile(mean_rep, [2.5, 97.5]).tolist())
+            boot = format_interval(*np.percentile(mean_rep, [2.5, 97.5]).tolist())
         else:
             boot = "unavailable (no per-sentence counts in these JSONs)"
         lines.append(
@@ -452,7 +455,7 @@ def rescoring_table(group: Group, runs: list[Run], at: str = "best_dev") -> str:
     )
 
 
-def machine_table(results: Path) -> str:
+def machine_table(loaded: Loaded) -> str:
     """Machine time of the runs that record it (``wall_seconds``, from issue 17 on), per
     group, a copied run only where it was made: each run used one core, so hours of runs
     are core-hours."""
@@ -462,10 +465,8 @@ def machine_table(results: Path) -> str:
     ]
     made: set[str] = set()  # a run copied into a later group (same_lr) is counted once
     for group in GROUPS:
-        folder = results / group.name
-        runs = list(load_runs(folder).values()) if folder.is_dir() else []
         timed = []  # per JSON, over its records (STL: one per task)
-        for r in runs:
+        for r in loaded[group.name].values():
             recs = list(r["runs"].values())
             if all("wall_seconds" in rec for rec in recs):
                 identity = json.dumps([r["config"], [rec["wall_seconds"] for rec in recs]])
@@ -504,10 +505,8 @@ def speed_table(path: Path) -> str:
     return "\n".join(line for line in path.read_text().splitlines() if line.startswith("|"))
 
 
-def group_tables(group: Group, results: Path) -> dict[str, str]:
-    """Every table of one group, by region name."""
-    folder = results / group.name
-    runs = list(load_runs(folder).values()) if folder.exists() else []
+def group_tables(group: Group, runs: list[Run]) -> dict[str, str]:
+    """Every table of one group (its runs: ``runs``), by region name."""
     if not runs:
         empty = f"No runs yet: `python -m benchmarks.nlp.campaign --group {group.name}`."
         names = [group.name]
@@ -518,7 +517,7 @@ def group_tables(group: Group, results: Path) -> dict[str, str]:
         return dict.fromkeys(names, empty)
     if group.name == "lr":  # a grid, not seeds of one setting: its own table
         return {"lr": lr_table(runs)}
-    out = {group.name: summary_table(folder, runs)}
+    out = {group.name: summary_table(runs)}
     for at in group.at:
         out[f"{group.name}-{at}"] = per_language(group, runs, at)
     paired, matched = [], []
@@ -534,13 +533,21 @@ def group_tables(group: Group, results: Path) -> dict[str, str]:
     return out
 
 
-def all_tables(results: Path) -> dict[str, str]:
-    """Every table of the page, by region name (module docstring)."""
+def load_groups(results: Path) -> Loaded:
+    """group -> file stem -> run, for every group of :data:`GROUPS` (empty: no folder)."""
+    return {
+        g.name: load_runs(results / g.name) if (results / g.name).is_dir() else {} for g in GROUPS
+    }
+
+
+def all_tables(results: Path, loaded: Loaded) -> dict[str, str]:
+    """Every table of the page, by region name (module docstring), from the runs
+    ``loaded`` (:func:`load_groups`) of ``results``."""
     out: dict[str, str] = {}
     for group in GROUPS:
-        out.update(group_tables(group, results))
+        out.update(group_tables(group, list(loaded[group.name].values())))
     out["runs"] = runs_table(results)
-    out["machine"] = machine_table(results)
+    out["machine"] = machine_table(loaded)
     out["speed"] = speed_table(results.parent / SPEED.name)
     return out
 
@@ -573,11 +580,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--pages", type=Path, nargs="+", default=PAGES)
     ap.add_argument("--check", action="store_true", help="exit 1 if a page is out of date")
     args = ap.parse_args(argv)
-    tables = all_tables(args.results)
+    loaded = load_groups(args.results)
+    tables = all_tables(args.results, loaded)
     stale = []
     for path in args.pages:
         page = path.read_text()
-        new = fill_values(fill(page, tables), args.results)
+        new = fill_values(fill(page, tables), args.results, loaded)
         if new != page:
             stale.append(path)
             if not args.check:
@@ -588,7 +596,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1 if stale else 0
     for group in GROUPS:  # each group's summary files and figure (report's)
         folder = args.results / group.name
-        if folder.is_dir() and (runs := report.load(folder)):
+        if runs := report.by_label(loaded[group.name].values()):
             summary = json.dumps(report.summarise(runs), indent=1)
             old = folder / "summary.json"
             if old.exists() and old.read_text() == summary and (folder / "curves.png").exists():
