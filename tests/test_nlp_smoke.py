@@ -349,6 +349,8 @@ def test_report_summarises_a_group(tmp_path: Path, data_dir: Path, model_dir: Pa
     assert set(seq["test_per_lang_at_end"]) == {"hau"}
     assert "| MTL | 1 |" in (group / "summary.md").read_text()
     assert (group / "curves.png").stat().st_size > 10_000
+    titles = report.figure(report.load(group), tmp_path / "again.png", "g")
+    assert "dev F1: hau" in titles and "mean zero-shot F1 (unseen languages)" not in titles
 
 
 def test_campaign_runs_resumes_and_reuses_the_sweep(
@@ -605,6 +607,7 @@ def test_results_page_generator_with_bootstrap_and_matched_zero_shot(
 ) -> None:
     """Runs of issue 17 (per-sentence counts, zero-shot curves) give bootstrap intervals
     and zero-shot F1 at matched dev F1; a page's regions are filled and then up to date."""
+    from benchmarks.nlp import report
     from benchmarks.nlp import write_results as W
 
     group = tmp_path / "results" / "g"
@@ -624,6 +627,9 @@ def test_results_page_generator_with_bootstrap_and_matched_zero_shot(
     assert "unavailable" not in tables["g-paired"]
     assert "| pcm |" in tables["g-paired"] and "seeds 0, 1" in tables["g-paired"]
     assert "unavailable" not in tables["g-matched"] and "| pcm |" in tables["g-matched"]
+    titles = report.figure(report.load(group), tmp_path / "curves.png", "g")
+    assert "mean zero-shot F1 (unseen languages)" in titles
+    assert "mean zero-shot F1 against mean dev F1" in titles
     page = tmp_path / "page.md"
     page.write_text("# t\n\n<!-- results:runs -->\n<!-- /results:runs -->\n")
     assert W.main(["--results", str(tmp_path / "results"), "--pages", str(page)]) == 0

@@ -187,50 +187,67 @@ def _band(ax: Any, runs: list[dict[str, Any]], value: Any, name: str) -> None:
         )
 
 
-def figure(groups: dict[str, list[dict[str, Any]]], path: Path, title: str) -> None:
+def figure(groups: dict[str, list[dict[str, Any]]], path: Path, title: str) -> list[str]:
+    """Draw the curves of the one-model runs of ``groups`` (:func:`load`) to ``path``: dev
+    F1 (mean and per language), task-gradient cosine, l2 from pretrained, and dev F1
+    against l2; with zero-shot scores at every point (``--curve-zero-shot``) also mean
+    zero-shot F1, and it against dev F1. Returns the panels' titles."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     drawn = {k: v for k, v in groups.items() if "all" in v[0]["runs"]}
-    langs = sorted(next(iter(drawn.values()))[0]["runs"]["all"]["curve"][0]["dev"])
-    panels = 4 + len(langs)
-    cols = 4
-    rows = -(-panels // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
-    flat = axes.ravel()
+    curves = [run["runs"]["all"]["curve"] for runs in drawn.values() for run in runs]
+    langs = sorted(curves[0][0]["dev"])
+    metric = main_metric(next(iter(drawn.values()))[0]["config"]["kind"])
     specs: list[tuple[str, Any]] = [
         ("mean dev F1 (kept weights)", lambda p: p["dev_mean"]),
         ("mean pairwise task-gradient cosine", lambda p: p.get("task_grad_cosine", float("nan"))),
         ("l2 distance from pretrained", lambda p: p["l2_from_pretrained"]),
     ]
     for lang in langs:
-        specs.append((f"dev F1: {lang}", lambda p, lang=lang: p["dev"][lang]["f1"]))
+        specs.append((f"dev F1: {lang}", lambda p, lang=lang: p["dev"][lang][metric]))
+    # each a curve of one quantity against another: forgetting at matched accuracy
+    # (Fig. 5c against dev F1) and, with zero-shot scores at every point, transfer too
+    against: list[tuple[str, str, Any, Any]] = [
+        ("mean dev F1", "l2 distance from pretrained", lambda p: p["l2_from_pretrained"],
+         lambda p: p["dev_mean"]),
+    ]  # fmt: skip
+    if all("zero_shot" in p for c in curves for p in c):
+
+        def zero_shot(p: dict[str, Any]) -> float:
+            return statistics.fmean(s[metric] for s in p["zero_shot"].values())
+
+        specs.append(("mean zero-shot F1 (unseen languages)", zero_shot))
+        against.append(("mean zero-shot F1", "mean dev F1", lambda p: p["dev_mean"], zero_shot))
+    cols = 4
+    rows = -(-(len(specs) + len(against)) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
+    flat = axes.ravel()
     for ax, (ylabel, value) in zip(flat, specs):
         for name, runs in drawn.items():
             _band(ax, runs, value, f"{name} (n={len(runs)})")
         ax.set_title(ylabel, fontsize=9)
         ax.set_xlabel("gradient computations", fontsize=8)
         ax.grid(alpha=0.3)
-    trade = flat[len(specs)]  # forgetting at matched accuracy (Fig. 5c against dev F1)
-    for name, runs in drawn.items():
-        for i, run in enumerate(runs):
-            curve = run["runs"]["all"]["curve"]
-            xs = [p["l2_from_pretrained"] for p in curve]
-            color = f"C{list(drawn).index(name)}"
-            trade.plot(xs, [p["dev_mean"] for p in curve], ".-", color=color, alpha=0.7,
-                       label=name if i == 0 else None)  # fmt: skip
-    trade.set_title("mean dev F1 against l2 distance from pretrained", fontsize=9)
-    trade.set_xlabel("l2 distance from pretrained", fontsize=8)
-    trade.grid(alpha=0.3)
-    for ax in flat[len(specs) + 1 :]:
+    for ax, (ylabel, xlabel, x_of, y_of) in zip(flat[len(specs) :], against):
+        for k, runs in enumerate(drawn.values()):
+            for run in runs:
+                curve = run["runs"]["all"]["curve"]
+                ax.plot([x_of(p) for p in curve], [y_of(p) for p in curve], ".-", color=f"C{k}",
+                        alpha=0.7)  # fmt: skip
+        ax.set_title(f"{ylabel} against {xlabel}", fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in flat[len(specs) + len(against) :]:
         ax.axis("off")
     flat[0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return [ax.get_title() for ax in flat if ax.axison]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
