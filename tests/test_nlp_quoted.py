@@ -97,6 +97,33 @@ def test_cosine_wins_counts_the_paired_points(results: Path) -> None:
     assert Q.value("g/mtl-seqreptile/cosine_wins_from:0", results) == "0 of 6"
 
 
+def test_a_pair_at_matched_dev_f1(results: Path) -> None:
+    """Dev F1 rises linearly to each run's level at 200 computations, so at the matched
+    level (MTL's, the lower) SeqReptile is at 200 * mtl / seqreptile computations."""
+    earlier = [200 * mtl / seq - 200 for mtl, seq in ((60.0, 70.0), (64.0, 71.0))]
+    assert Q.value("g/seqreptile-mtl/matched:computations", results) == (
+        f"{statistics.fmean(earlier):+.0f}"
+    )
+    # l2 is computations / 100
+    assert (
+        Q.value("g/seqreptile-mtl/matched:l2", results) == f"{statistics.fmean(earlier) / 100:+.2f}"
+    )
+    with pytest.raises(KeyError, match="without zero-shot scores"):
+        Q.value("g/seqreptile-mtl/matched:zero_shot", results)
+    with pytest.raises(KeyError, match="expected matched:l2"):
+        Q.value("g/seqreptile-mtl/matched:l2:amh", results)
+    for path in (results / "g").glob("*_seed*.json"):  # zero-shot F1 n / 10 (amh), n / 5 (wol)
+        run = json.loads(path.read_text())
+        for p in run["runs"]["all"]["curve"]:
+            n = p["grad_computations"]
+            p["zero_shot"] = {"amh": {"f1": n / 10}, "wol": {"f1": n / 5}}
+        path.write_text(json.dumps(run))
+    shift = statistics.fmean(earlier)
+    assert Q.value("g/seqreptile-mtl/matched:zero_shot:amh", results) == f"{shift / 10:+.1f}"
+    assert Q.value("g/seqreptile-mtl/matched:zero_shot", results) == f"{shift * 0.15:+.1f}"
+    assert Q.value("g/seqreptile-mtl/matched:zero_shot/n", results) == "2"
+
+
 def test_a_queued_run_reads_not_run_yet(results: Path) -> None:
     """The campaign queues MTL in ``long_seeds``; nothing queues ``nope`` there."""
     assert Q.value("long_seeds/mtl/best_dev", results) == "not run yet"

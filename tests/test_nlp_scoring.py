@@ -17,6 +17,7 @@ pytest.importorskip("tokenizers")
 import torch
 
 from benchmarks.data import entity_f1
+from benchmarks.nlp import quoted as Q
 from benchmarks.nlp import report
 from benchmarks.nlp import run as R
 from benchmarks.nlp import tasks as T
@@ -137,10 +138,10 @@ def test_paired_bootstrap_over_sentences() -> None:
 
 def test_interpolation_at_a_matched_level() -> None:
     dev = [0.0, 50.0, 70.0, 65.0, 80.0]
-    assert W.crossing(dev, 60.0) == (2, 0.5)
-    assert W.crossing(dev, 0.0) == (0, 1.0)
-    assert W.crossing(dev, 81.0) is None
-    assert W.at_crossing([10.0, 20.0, 30.0, 40.0, 50.0], (2, 0.5)) == 25.0
+    assert Q.crossing(dev, 60.0) == (2, 0.5)
+    assert Q.crossing(dev, 0.0) == (0, 1.0)
+    assert Q.crossing(dev, 81.0) is None
+    assert Q.at_crossing([10.0, 20.0, 30.0, 40.0, 50.0], (2, 0.5)) == 25.0
     assert W.seed_interval([1.0]) == "– (one seed)"
     assert W.seed_interval([1.0, 2.0, 3.0]) == "[-0.5, +4.5]"
 

@@ -19,7 +19,10 @@ KEY is ``GROUP/SELECTION/QUANTITY[/STATISTIC]``:
   task-gradient cosine of the curve points at N computations or more; ``dev@N``: mean dev
   F1 at N computations; ``wall_hours``: the run's wall time; ``lr``: its learning rate;
   for a pair only, ``cosine_wins_from:N``: at how many of the evaluation points at N
-  computations or more (over all paired seeds) A's task-gradient cosine is above B's;
+  computations or more (over all paired seeds) A's task-gradient cosine is above B's, and
+  ``matched:WHAT``, A's minus B's WHAT at matched dev F1 (per seed, where each curve first
+  reaches the highest mean dev F1 both reach, interpolated): ``l2`` (from the pretrained
+  encoder), ``computations``, ``zero_shot[:LANG]`` (runs with ``--curve-zero-shot``);
 * STATISTIC over the selected runs: ``mean`` (the default), ``pm`` (mean ± std), ``min``,
   ``max``, ``sum``, ``n`` (how many runs), ``ci`` (95 % t interval of the mean, over
   seeds), ``seeds``.
@@ -34,7 +37,8 @@ import json
 import math
 import re
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +47,7 @@ from benchmarks.nlp import tables as TB
 from benchmarks.nlp.run import main_metric
 
 Run = dict[str, Any]
+Point = dict[str, Any]  # a curve point
 Pair = tuple[str, str]
 MARKER = re.compile(r"<!-- v:(?P<key>\S+) -->[^\n]*?<!-- /v -->")
 # the language is optional and lazy (``??``), so that ``test@end:truncated`` is no language
@@ -92,6 +97,74 @@ def seed_interval(values: Sequence[float], digits: int = 1, signed: bool = True)
     return format_interval(mean - half, mean + half, digits, signed)
 
 
+def crossing(values: Sequence[float], level: float) -> tuple[int, float] | None:
+    """Where a curve first reaches ``level``: ``(i, w)`` with the crossing at
+    ``(1 - w) * point[i - 1] + w * point[i]`` (``(0, 1.0)``: at the first point); ``None``
+    when it never does."""
+    for i, value in enumerate(values):
+        if value >= level:
+            if i == 0:
+                return 0, 1.0
+            return i, (level - values[i - 1]) / (value - values[i - 1])
+    return None
+
+
+def at_crossing(values: Sequence[float], where: tuple[int, float]) -> float:
+    """A curve's value (e.g. l2, zero-shot F1) at a :func:`crossing`."""
+    i, w = where
+    return values[i] if i == 0 else (1 - w) * values[i - 1] + w * values[i]
+
+
+def _curve(run: Run) -> list[Point]:
+    if "all" not in run["runs"]:
+        raise KeyError("matched dev F1 needs runs of one model (not STL)")
+    return list(run["runs"]["all"]["curve"])
+
+
+def matched_level(a: Run, b: Run) -> float:
+    """The highest mean dev F1 both runs' curves reach: the lower of their two best."""
+    return min(max(p["dev_mean"] for p in _curve(r)) for r in (a, b))
+
+
+def at_matched_dev(a: Run, b: Run, get: Callable[[Point], float]) -> tuple[float, float]:
+    """``get`` of the curves of ``a`` and ``b`` where each first reaches
+    :func:`matched_level` (interpolated between evaluation points)."""
+    level = matched_level(a, b)
+    out = []
+    for run in (a, b):
+        curve = _curve(run)
+        where = crossing([p["dev_mean"] for p in curve], level)
+        assert where is not None  # each curve reaches the lower of the two maxima
+        out.append(at_crossing([get(p) for p in curve], where))
+    return out[0], out[1]
+
+
+def mean_zero_shot(point: Point, langs: Sequence[str], metric: str) -> float:
+    """A curve point's mean zero-shot ``metric`` over ``langs``."""
+    return statistics.fmean(point["zero_shot"][x][metric] for x in langs)
+
+
+def matched_value(a: Run, b: Run, quantity: str) -> float:
+    """A's minus B's ``matched:WHAT`` (module docstring) at matched dev F1."""
+    what, _, lang = quantity.removeprefix("matched:").partition(":")
+    getters: dict[str, Callable[[Point], float]] = {
+        "l2": lambda p: p["l2_from_pretrained"],
+        "computations": lambda p: p["grad_computations"],
+    }
+    if what == "zero_shot":
+        curves = _curve(a) + _curve(b)
+        if not all("zero_shot" in p for p in curves):
+            raise KeyError(f"{quantity!r}: runs without zero-shot scores along the curve")
+        langs = [lang] if lang else sorted(curves[0]["zero_shot"])
+        metric = main_metric(a["config"]["kind"])
+        getters["zero_shot"] = partial(mean_zero_shot, langs=langs, metric=metric)
+    if what not in getters or (lang and what != "zero_shot"):
+        raise KeyError(f"{quantity!r}: expected matched:l2, matched:computations or "
+                       "matched:zero_shot[:LANG]")  # fmt: skip
+    va, vb = at_matched_dev(a, b, getters[what])
+    return va - vb
+
+
 def run_value(run: Run, quantity: str) -> float:
     """One run's QUANTITY (module docstring); ``KeyError`` when the run does not have it."""
     metric = main_metric(run["config"]["kind"])
@@ -127,11 +200,11 @@ def run_value(run: Run, quantity: str) -> float:
 
 
 def _digits(quantity: str) -> int:
-    if quantity.endswith("_at"):
+    if quantity.endswith("_at") or quantity == "matched:computations":
         return 0
     if quantity.startswith(("cosine", "mean_task_grad_cosine", "seconds")):
         return 3
-    return 2 if quantity.startswith("l2") else 1
+    return 2 if quantity.startswith(("l2", "matched:l2")) else 1
 
 
 def value(key: str, results: Path, cache: dict[str, dict[str, Run]] | None = None) -> str:
@@ -151,7 +224,10 @@ def value(key: str, results: Path, cache: dict[str, dict[str, Run]] | None = Non
         matched = paired_seeds(list(runs.values()), (first, second))
         if quantity.startswith("cosine_wins_from:") and matched:
             return cosine_wins(matched, int(quantity.split(":")[1]))
-        values = [run_value(a, quantity) - run_value(b, quantity) for _, a, b in matched]
+        if quantity.startswith("matched:"):
+            values = [matched_value(a, b, quantity) for _, a, b in matched]
+        else:
+            values = [run_value(a, quantity) - run_value(b, quantity) for _, a, b in matched]
         seeds, signed = [s for s, _, _ in matched], True
     else:
         mine = sorted(by_seed(list(runs.values()), selection).items())

@@ -45,7 +45,7 @@ import json
 import re
 import statistics
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -56,9 +56,12 @@ import numpy as np
 from benchmarks.nlp import campaign, report
 from benchmarks.nlp import tables as TB
 from benchmarks.nlp.quoted import (
+    at_matched_dev,
     fill_values,
     format_interval,
     load_runs,
+    matched_level,
+    mean_zero_shot,
     paired_seeds,
     seed_interval,
 )
@@ -70,7 +73,6 @@ PAGES = [ROOT / "docs" / "results.md", ROOT / "README.md"]
 SPEED = RESULTS.parent / "nlp_speed.md"
 BOOTSTRAP_SAMPLES = 2000
 Run = dict[str, Any]
-Point = dict[str, Any]  # a curve point
 Pair = tuple[str, str]
 Loaded = dict[str, dict[str, Run]]  # group -> file stem -> run
 
@@ -137,24 +139,6 @@ def bootstrap_f1_differences(
 
     replicates: np.ndarray = np.stack([f1(a) - f1(b) for a, b in pairs]).mean(axis=0)
     return replicates
-
-
-def crossing(values: Sequence[float], level: float) -> tuple[int, float] | None:
-    """Where a curve first reaches ``level``: ``(i, w)`` with the crossing at
-    ``(1 - w) * point[i - 1] + w * point[i]`` (``(0, 1.0)``: at the first point); ``None``
-    when it never does."""
-    for i, value in enumerate(values):
-        if value >= level:
-            if i == 0:
-                return 0, 1.0
-            return i, (level - values[i - 1]) / (value - values[i - 1])
-    return None
-
-
-def at_crossing(values: Sequence[float], where: tuple[int, float]) -> float:
-    """A curve's value (e.g. l2, zero-shot F1) at a :func:`crossing`."""
-    i, w = where
-    return values[i] if i == 0 else (1 - w) * values[i - 1] + w * values[i]
 
 
 def _curve(run: Run) -> list[dict[str, Any]]:
@@ -279,20 +263,6 @@ def paired_table(task: str, runs: list[Run], pair: Pair, split: str, at: str) ->
     return "\n".join(lines)
 
 
-def _mean_zero_shot(point: Point, langs: Sequence[str], metric: str) -> float:
-    return statistics.fmean(point["zero_shot"][x][metric] for x in langs)
-
-
-def _at_matched(
-    curves: tuple[list[Point], list[Point]],
-    where: tuple[tuple[int, float], tuple[int, float]],
-    get: Callable[[Point], float],
-) -> tuple[float, float]:
-    """A quantity of both curves at their :func:`crossing` of the matched level."""
-    a, b = (at_crossing([get(p) for p in c], w) for c, w in zip(curves, where, strict=True))
-    return a, b
-
-
 def matched_table(runs: list[Run], pair: Pair) -> str:
     """The pair at matched dev F1 (module docstring), per seed and on average."""
     seeds = paired_seeds(runs, pair)
@@ -312,25 +282,19 @@ def matched_table(runs: list[Run], pair: Pair) -> str:
     zs_diffs: list[float] = []
     per_lang: dict[str, list[float]] = {}
     for seed, ra, rb in seeds:
-        curves = _curve(ra), _curve(rb)
-        level = min(max(p["dev_mean"] for p in c) for c in curves)
-        wa, wb = (crossing([p["dev_mean"] for p in c], level) for c in curves)
-        assert wa is not None and wb is not None  # both reach the lower of their maxima
-        where = (wa, wb)
-        steps = _at_matched(curves, where, lambda p: p["grad_computations"])
-        l2 = _at_matched(curves, where, lambda p: p["l2_from_pretrained"])
+        level = matched_level(ra, rb)
+        steps = at_matched_dev(ra, rb, lambda p: p["grad_computations"])
+        l2 = at_matched_dev(ra, rb, lambda p: p["l2_from_pretrained"])
         l2_diffs.append(l2[0] - l2[1])
         zs_text = diff_text = "unavailable"
-        if all("zero_shot" in p for c in curves for p in c):
-            langs = sorted(curves[0][0]["zero_shot"])
-            zsa, zsb = _at_matched(
-                curves, where, partial(_mean_zero_shot, langs=langs, metric=metric)
-            )
+        if all("zero_shot" in p for r in (ra, rb) for p in _curve(r)):
+            langs = sorted(_curve(ra)[0]["zero_shot"])
+            zsa, zsb = at_matched_dev(ra, rb, partial(mean_zero_shot, langs=langs, metric=metric))
             zs_diffs.append(zsa - zsb)
             zs_text, diff_text = f"{zsa:.1f} / {zsb:.1f}", _signed(zsa - zsb)
             for lang in langs:
-                la, lb = _at_matched(
-                    curves, where, partial(_mean_zero_shot, langs=[lang], metric=metric)
+                la, lb = at_matched_dev(
+                    ra, rb, partial(mean_zero_shot, langs=[lang], metric=metric)
                 )
                 per_lang.setdefault(lang, []).append(la - lb)
         lines.append(
