@@ -124,6 +124,20 @@ def test_a_pair_at_matched_dev_f1(results: Path) -> None:
     assert Q.value("g/seqreptile-mtl/matched:zero_shot/n", results) == "2"
 
 
+def test_the_matched_table_and_the_prose_agree(results: Path) -> None:
+    runs = list(Q.load_runs(results / "g").values())
+    table = W.matched_table(runs, ("seqreptile", "mtl"))
+    l2 = Q.value("g/seqreptile-mtl/matched:l2", results)
+    assert f"| mean difference (95% CI over seeds) | | | {l2} [" in table
+
+
+def test_fill_values_uses_the_runs_it_is_given(results: Path) -> None:
+    """Runs already loaded are not read again (group ``x`` has no folder)."""
+    page = "<!-- v:x/mtl/best_dev -->?<!-- /v -->"
+    loaded = {"x": {"mtl_seed0": _run("mtl", 0, 50.0)}}
+    assert Q.fill_values(page, results, loaded) == "<!-- v:x/mtl/best_dev -->50.0<!-- /v -->"
+
+
 def test_a_queued_run_reads_not_run_yet(results: Path) -> None:
     """The campaign queues MTL in ``long_seeds``; nothing queues ``nope`` there."""
     assert Q.value("long_seeds/mtl/best_dev", results) == "not run yet"

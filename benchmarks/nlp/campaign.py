@@ -50,7 +50,7 @@ issue 17 are scored on every word
   (``--curve-zero-shot``): SeqReptile (K = 250, eta = 0.5) and the equal-steps control at
   learning rate 1e-4 as in ``long``, for seeds 1 and 2, then both for seed 0 again (so that
   all three seeds share the scoring); MTL for seeds 1, 2, 0 at its tuned rate (the 1e-4
-  of ``long`` was not chosen for it) comes last, after the reruns below.
+  of ``long`` was not chosen for it) comes after the reruns below.
 
 The groups scored before issue 17 are run again, scored on every word and each method at
 the rate :func:`family_lr` chose on dev for its family (MTL's for the methods that step on
@@ -64,21 +64,22 @@ GradVac with the library's per-layer blocks:
 
 Machine time (``python -m benchmarks.nlp.write_results`` tabulates the measured
 ``wall_seconds``): an ``lr`` run took 13-15 minutes on one thread beside a second run, 28 %
-of it evaluation. Estimated from that and the older runs' seconds per computation:
+of it evaluation, a ``long_seeds`` run of SeqReptile or the control 69 minutes. Estimated
+from those and the older runs' seconds per computation:
 
 ==========================================  ====  =========  ===============  ============
 group                                       runs  min / run  machine, min     wall, 2 wkrs
 ==========================================  ====  =========  ===============  ============
 ``lr``                                      9     14         126              1 h 05
 ``tuned``                                   9     16         144              1 h 10
-``long_seeds``: SeqReptile, control, s0-2   6     56         336              2 h 50
-``long_seeds``: MTL, s0-2                   3     54         162              1 h 25
+``long_seeds``: SeqReptile, control, s0-2   6     69         414              3 h 30
 ``tuned_baselines``                         6     15         90               45 min
 ``tuned_wikiann``                           16    9          144              1 h 10
 ``tuned_imbalanced``                        12    22         264              2 h 10
+``long_seeds``: MTL, s0-2                   3     54         162              1 h 25
 ==========================================  ====  =========  ===============  ============
 
-About 10 h of the two cores in all, several sessions: the campaign resumes where it stopped
+About 11 h of the two cores in all, several sessions: the campaign resumes where it stopped
 (a run cut off mid-way starts again).
 """
 
@@ -243,7 +244,9 @@ def jobs() -> list[Job]:
 
 
 def _issue17_jobs(sweep: list[Path]) -> list[Job]:
-    """The groups ``lr``, ``tuned`` and ``long_seeds`` (see the module docstring)."""
+    """The groups of issue 17, in priority order (see the module docstring): ``lr``,
+    ``tuned``, ``same_lr``, ``long_seeds`` but MTL, the reruns (:func:`_rerun_jobs`), then
+    ``long_seeds``' MTL."""
     out = []
     for method in TUNED_METHODS:
         needs = sweep if method == "seqreptile" else []

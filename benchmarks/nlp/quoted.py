@@ -48,6 +48,7 @@ from benchmarks.nlp.run import main_metric
 
 Run = dict[str, Any]
 Point = dict[str, Any]  # a curve point
+Loaded = dict[str, dict[str, Run]]  # group -> file stem -> run
 Pair = tuple[str, str]
 MARKER = re.compile(r"<!-- v:(?P<key>\S+) -->[^\n]*?<!-- /v -->")
 # the language is optional and lazy (``??``), so that ``test@end:truncated`` is no language
@@ -115,15 +116,25 @@ def at_crossing(values: Sequence[float], where: tuple[int, float]) -> float:
     return values[i] if i == 0 else (1 - w) * values[i - 1] + w * values[i]
 
 
-def _curve(run: Run) -> list[Point]:
+def one_model_curve(run: Run) -> list[Point]:
+    """The curve of a run that trains one model (every method but STL)."""
     if "all" not in run["runs"]:
-        raise KeyError("matched dev F1 needs runs of one model (not STL)")
+        raise KeyError("a curve of one model is needed (not STL's one per task)")
     return list(run["runs"]["all"]["curve"])
+
+
+def zero_shot_langs(a: Run, b: Run) -> list[str] | None:
+    """The zero-shot languages scored at every point of both curves (``--curve-zero-shot``),
+    else ``None``."""
+    points = one_model_curve(a) + one_model_curve(b)
+    if not all(p.get("zero_shot") for p in points):
+        return None
+    return sorted(points[0]["zero_shot"])
 
 
 def matched_level(a: Run, b: Run) -> float:
     """The highest mean dev F1 both runs' curves reach: the lower of their two best."""
-    return min(max(p["dev_mean"] for p in _curve(r)) for r in (a, b))
+    return min(max(p["dev_mean"] for p in one_model_curve(r)) for r in (a, b))
 
 
 def at_matched_dev(a: Run, b: Run, get: Callable[[Point], float]) -> tuple[float, float]:
@@ -132,7 +143,7 @@ def at_matched_dev(a: Run, b: Run, get: Callable[[Point], float]) -> tuple[float
     level = matched_level(a, b)
     out = []
     for run in (a, b):
-        curve = _curve(run)
+        curve = one_model_curve(run)
         where = crossing([p["dev_mean"] for p in curve], level)
         assert where is not None  # each curve reaches the lower of the two maxima
         out.append(at_crossing([get(p) for p in curve], where))
@@ -152,10 +163,12 @@ def matched_value(a: Run, b: Run, quantity: str) -> float:
         "computations": lambda p: p["grad_computations"],
     }
     if what == "zero_shot":
-        curves = _curve(a) + _curve(b)
-        if not all("zero_shot" in p for p in curves):
+        scored = zero_shot_langs(a, b)
+        if scored is None:
             raise KeyError(f"{quantity!r}: runs without zero-shot scores along the curve")
-        langs = [lang] if lang else sorted(curves[0]["zero_shot"])
+        if lang and lang not in scored:
+            raise KeyError(f"{quantity!r}: zero-shot language {lang!r}, expected one of {scored}")
+        langs = [lang] if lang else scored
         metric = main_metric(a["config"]["kind"])
         getters["zero_shot"] = partial(mean_zero_shot, langs=langs, metric=metric)
     if what not in getters or (lang and what != "zero_shot"):
@@ -207,7 +220,7 @@ def _digits(quantity: str) -> int:
     return 2 if quantity.startswith(("l2", "matched:l2")) else 1
 
 
-def value(key: str, results: Path, cache: dict[str, dict[str, Run]] | None = None) -> str:
+def value(key: str, results: Path, cache: Loaded | None = None) -> str:
     """The text of KEY (module docstring), from the JSON files under ``results``."""
     group, selection, quantity, *rest = key.split("/")
     statistic = rest[0] if rest else "mean"
@@ -291,10 +304,10 @@ def _queued(group: str) -> set[str]:
     return names | {name.split("_")[0] for name in names}
 
 
-def fill_values(text: str, results: Path, loaded: dict[str, dict[str, Run]] | None = None) -> str:
+def fill_values(text: str, results: Path, loaded: Loaded | None = None) -> str:
     """``text`` with every ``<!-- v:KEY -->...<!-- /v -->`` holding :func:`value` of KEY
     (``loaded``: group -> :func:`load_runs` of its folder, where already read)."""
-    cache: dict[str, dict[str, Run]] = dict(loaded or {})
+    cache: Loaded = dict(loaded or {})
 
     def replace(match: re.Match[str]) -> str:
         key = match["key"]

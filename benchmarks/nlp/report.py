@@ -9,8 +9,10 @@ mean pairwise task-gradient cosine over training (Fig. 4), the l2 distance from 
 pretrained encoder at the end (Fig. 5c), and seconds per gradient computation. The figure
 plots dev score, cosine and l2 distance against gradient computations (mean and min-max
 band over seeds), each task's dev score (which shows where small tasks are overfitted), and
-dev score against l2 distance (forgetting at matched accuracy, one line per seed).
-STL (one model per task, own budget) is summarised but not drawn.
+dev score against l2 distance (forgetting at matched accuracy, one line per seed); for runs
+made with ``--curve-zero-shot`` also the mean zero-shot score against gradient computations
+and against dev score (transfer at matched accuracy). STL (one model per task, own budget)
+is summarised but not drawn.
 """
 
 from __future__ import annotations
@@ -201,26 +203,29 @@ def figure(groups: dict[str, list[dict[str, Any]]], path: Path, title: str) -> l
     curves = [run["runs"]["all"]["curve"] for runs in drawn.values() for run in runs]
     langs = sorted(curves[0][0]["dev"])
     metric = main_metric(next(iter(drawn.values()))[0]["config"]["kind"])
+    score = "F1" if metric == "f1" else metric  # NLI: accuracy
     specs: list[tuple[str, Any]] = [
-        ("mean dev F1 (kept weights)", lambda p: p["dev_mean"]),
+        (f"mean dev {score} (kept weights)", lambda p: p["dev_mean"]),
         ("mean pairwise task-gradient cosine", lambda p: p.get("task_grad_cosine", float("nan"))),
         ("l2 distance from pretrained", lambda p: p["l2_from_pretrained"]),
     ]
     for lang in langs:
-        specs.append((f"dev F1: {lang}", lambda p, lang=lang: p["dev"][lang][metric]))
+        specs.append((f"dev {score}: {lang}", lambda p, lang=lang: p["dev"][lang][metric]))
     # each a curve of one quantity against another: forgetting at matched accuracy
     # (Fig. 5c against dev F1) and, with zero-shot scores at every point, transfer too
     against: list[tuple[str, str, Any, Any]] = [
-        ("mean dev F1", "l2 distance from pretrained", lambda p: p["l2_from_pretrained"],
+        (f"mean dev {score}", "l2 distance from pretrained", lambda p: p["l2_from_pretrained"],
          lambda p: p["dev_mean"]),
     ]  # fmt: skip
-    if all("zero_shot" in p for c in curves for p in c):
+    if all(p.get("zero_shot") for c in curves for p in c):
 
-        def zero_shot(p: dict[str, Any]) -> float:
+        def zero_shot(p: dict[str, Any]) -> float:  # quoted.mean_zero_shot (quoted imports us)
             return statistics.fmean(s[metric] for s in p["zero_shot"].values())
 
-        specs.append(("mean zero-shot F1 (unseen languages)", zero_shot))
-        against.append(("mean zero-shot F1", "mean dev F1", lambda p: p["dev_mean"], zero_shot))
+        specs.append((f"mean zero-shot {score} (unseen languages)", zero_shot))
+        against.append(
+            (f"mean zero-shot {score}", f"mean dev {score}", lambda p: p["dev_mean"], zero_shot)
+        )
     cols = 4
     rows = -(-(len(specs) + len(against)) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)

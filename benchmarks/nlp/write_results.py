@@ -56,14 +56,17 @@ import numpy as np
 from benchmarks.nlp import campaign, report
 from benchmarks.nlp import tables as TB
 from benchmarks.nlp.quoted import (
+    Loaded,
     at_matched_dev,
     fill_values,
     format_interval,
     load_runs,
     matched_level,
     mean_zero_shot,
+    one_model_curve,
     paired_seeds,
     seed_interval,
+    zero_shot_langs,
 )
 from benchmarks.nlp.run import main_metric
 
@@ -74,7 +77,6 @@ SPEED = RESULTS.parent / "nlp_speed.md"
 BOOTSTRAP_SAMPLES = 2000
 Run = dict[str, Any]
 Pair = tuple[str, str]
-Loaded = dict[str, dict[str, Run]]  # group -> file stem -> run
 
 HEADLINE_PAIRS: tuple[Pair, ...] = (("seqreptile", "sequential"), ("seqreptile", "mtl"))
 
@@ -139,10 +141,6 @@ def bootstrap_f1_differences(
 
     replicates: np.ndarray = np.stack([f1(a) - f1(b) for a, b in pairs]).mean(axis=0)
     return replicates
-
-
-def _curve(run: Run) -> list[dict[str, Any]]:
-    return list(run["runs"]["all"]["curve"])
 
 
 # --------------------------------------------------------------------------- tables
@@ -287,8 +285,7 @@ def matched_table(runs: list[Run], pair: Pair) -> str:
         l2 = at_matched_dev(ra, rb, lambda p: p["l2_from_pretrained"])
         l2_diffs.append(l2[0] - l2[1])
         zs_text = diff_text = "unavailable"
-        if all("zero_shot" in p for r in (ra, rb) for p in _curve(r)):
-            langs = sorted(_curve(ra)[0]["zero_shot"])
+        if (langs := zero_shot_langs(ra, rb)) is not None:
             zsa, zsb = at_matched_dev(ra, rb, partial(mean_zero_shot, langs=langs, metric=metric))
             zs_diffs.append(zsa - zsb)
             zs_text, diff_text = f"{zsa:.1f} / {zsb:.1f}", _signed(zsa - zsb)
@@ -337,7 +334,7 @@ def plateau_table(runs: list[Run]) -> str:
     for r in sorted(runs, key=lambda r: (order.index(r["config"]["method"]), r["config"]["seed"])):
         if "all" not in r["runs"]:
             continue
-        curve = _curve(r)
+        curve = one_model_curve(r)
         dev = [p["dev_mean"] for p in curve]
         at = [p["grad_computations"] for p in curve]
         best = max(range(len(dev)), key=lambda i: dev[i])
@@ -366,10 +363,10 @@ def lr_table(runs: list[Run]) -> str:
         )
         if not mine:
             continue
-        best = [max(p["dev_mean"] for p in _curve(r)) for r in mine]
+        best = [max(p["dev_mean"] for p in one_model_curve(r)) for r in mine]
         chosen = best.index(max(best))
         for i, r in enumerate(mine):
-            point = max(_curve(r), key=lambda p: p["dev_mean"])
+            point = max(one_model_curve(r), key=lambda p: p["dev_mean"])
             lines.append(
                 f"| {_name(method)} | {report.rate(r['config']['lr'])} | {r['config']['seed']} | "
                 f"{best[i]:.1f} | {point['grad_computations']} | {'yes' if i == chosen else ''} |"
