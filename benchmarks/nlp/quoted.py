@@ -44,6 +44,7 @@ from typing import Any
 
 from benchmarks.nlp import report
 from benchmarks.nlp import tables as TB
+from benchmarks.nlp.report import mean_zero_shot
 from benchmarks.nlp.run import main_metric
 
 Run = dict[str, Any]
@@ -148,11 +149,6 @@ def at_matched_dev(a: Run, b: Run, get: Callable[[Point], float]) -> tuple[float
         assert where is not None  # each curve reaches the lower of the two maxima
         out.append(at_crossing([get(p) for p in curve], where))
     return out[0], out[1]
-
-
-def mean_zero_shot(point: Point, langs: Sequence[str], metric: str) -> float:
-    """A curve point's mean zero-shot ``metric`` over ``langs``."""
-    return statistics.fmean(point["zero_shot"][x][metric] for x in langs)
 
 
 def matched_value(a: Run, b: Run, quantity: str) -> float:

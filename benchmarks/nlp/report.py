@@ -22,6 +22,7 @@ import json
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +190,11 @@ def _band(ax: Any, runs: list[dict[str, Any]], value: Any, name: str) -> None:
         )
 
 
+def mean_zero_shot(point: dict[str, Any], langs: Sequence[str], metric: str) -> float:
+    """A curve point's mean zero-shot ``metric`` over ``langs``."""
+    return statistics.fmean(point["zero_shot"][x][metric] for x in langs)
+
+
 def figure(groups: dict[str, list[dict[str, Any]]], path: Path, title: str) -> list[str]:
     """Draw the curves of the one-model runs of ``groups`` (:func:`load`) to ``path``: dev
     F1 (mean and per language), task-gradient cosine, l2 from pretrained, and dev F1
@@ -218,10 +224,7 @@ def figure(groups: dict[str, list[dict[str, Any]]], path: Path, title: str) -> l
          lambda p: p["dev_mean"]),
     ]  # fmt: skip
     if all(p.get("zero_shot") for c in curves for p in c):
-
-        def zero_shot(p: dict[str, Any]) -> float:  # quoted.mean_zero_shot (quoted imports us)
-            return statistics.fmean(s[metric] for s in p["zero_shot"].values())
-
+        zero_shot = partial(mean_zero_shot, langs=sorted(curves[0][0]["zero_shot"]), metric=metric)
         specs.append((f"mean zero-shot {score} (unseen languages)", zero_shot))
         against.append(
             (f"mean zero-shot {score}", f"mean dev {score}", lambda p: p["dev_mean"], zero_shot)

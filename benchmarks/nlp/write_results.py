@@ -62,12 +62,12 @@ from benchmarks.nlp.quoted import (
     format_interval,
     load_runs,
     matched_level,
-    mean_zero_shot,
     one_model_curve,
     paired_seeds,
     seed_interval,
     zero_shot_langs,
 )
+from benchmarks.nlp.report import mean_zero_shot
 from benchmarks.nlp.run import main_metric
 
 RESULTS = TB.RESULTS
