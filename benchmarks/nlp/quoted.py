@@ -138,17 +138,23 @@ def matched_level(a: Run, b: Run) -> float:
     return min(max(p["dev_mean"] for p in one_model_curve(r)) for r in (a, b))
 
 
-def at_matched_dev(a: Run, b: Run, get: Callable[[Point], float]) -> tuple[float, float]:
-    """``get`` of the curves of ``a`` and ``b`` where each first reaches
-    :func:`matched_level` (interpolated between evaluation points)."""
+def at_matched_dev(a: Run, b: Run, *gets: Callable[[Point], float]) -> list[tuple[float, float]]:
+    """Each ``get`` of the curves of ``a`` and ``b`` where each first reaches
+    :func:`matched_level` (interpolated between evaluation points): one ``(a, b)`` pair per
+    getter, the crossings found once."""
     level = matched_level(a, b)
-    out = []
+    crossings = []
     for run in (a, b):
         curve = one_model_curve(run)
         where = crossing([p["dev_mean"] for p in curve], level)
         assert where is not None  # each curve reaches the lower of the two maxima
-        out.append(at_crossing([get(p) for p in curve], where))
-    return out[0], out[1]
+        crossings.append((curve, where))
+    (curve_a, where_a), (curve_b, where_b) = crossings
+    return [
+        (at_crossing([get(p) for p in curve_a], where_a),
+         at_crossing([get(p) for p in curve_b], where_b))
+        for get in gets
+    ]  # fmt: skip
 
 
 def matched_value(a: Run, b: Run, quantity: str) -> float:
@@ -170,7 +176,7 @@ def matched_value(a: Run, b: Run, quantity: str) -> float:
     if what not in getters or (lang and what != "zero_shot"):
         raise KeyError(f"{quantity!r}: expected matched:l2, matched:computations or "
                        "matched:zero_shot[:LANG]")  # fmt: skip
-    va, vb = at_matched_dev(a, b, getters[what])
+    [(va, vb)] = at_matched_dev(a, b, getters[what])
     return va - vb
 
 

@@ -281,18 +281,19 @@ def matched_table(runs: list[Run], pair: Pair) -> str:
     per_lang: dict[str, list[float]] = {}
     for seed, ra, rb in seeds:
         level = matched_level(ra, rb)
-        steps = at_matched_dev(ra, rb, lambda p: p["grad_computations"])
-        l2 = at_matched_dev(ra, rb, lambda p: p["l2_from_pretrained"])
+        langs = zero_shot_langs(ra, rb)
+        groups = [langs, *([lang] for lang in langs)] if langs else []
+        zero_shot = [partial(mean_zero_shot, langs=group, metric=metric) for group in groups]
+        steps, l2, *zs = at_matched_dev(
+            ra, rb, lambda p: p["grad_computations"], lambda p: p["l2_from_pretrained"], *zero_shot
+        )
         l2_diffs.append(l2[0] - l2[1])
         zs_text = diff_text = "unavailable"
-        if (langs := zero_shot_langs(ra, rb)) is not None:
-            zsa, zsb = at_matched_dev(ra, rb, partial(mean_zero_shot, langs=langs, metric=metric))
+        if langs is not None:
+            (zsa, zsb), *by_lang = zs
             zs_diffs.append(zsa - zsb)
             zs_text, diff_text = f"{zsa:.1f} / {zsb:.1f}", _signed(zsa - zsb)
-            for lang in langs:
-                la, lb = at_matched_dev(
-                    ra, rb, partial(mean_zero_shot, langs=[lang], metric=metric)
-                )
+            for lang, (la, lb) in zip(langs, by_lang, strict=True):
                 per_lang.setdefault(lang, []).append(la - lb)
         lines.append(
             f"| {seed} | {level:.1f} | {steps[0]:.0f} / {steps[1]:.0f} | "
