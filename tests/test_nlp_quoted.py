@@ -208,3 +208,24 @@ def test_machine_table_sums_the_wall_time(results: Path, monkeypatch: pytest.Mon
     (copies / "mtl_seed5.json").write_text(json.dumps(_run("mtl", 5, 1.0)))
     monkeypatch.setattr(W, "GROUPS", [W.Group("g"), W.Group("h")])
     assert f"| h | 1 | {1805 / 3600:.1f} | 30 | 33 % |" in W.machine_table(W.load_groups(results))
+
+
+def test_the_shape_of_a_dev_curve(results: Path) -> None:
+    """A curve that peaks at 100 computations, dips by 3 F1 and comes back to within 1 F1
+    of its best only at the last point."""
+    run = _run("sequential", 0, 80.0)
+    run["config"]["budget"] = 400
+    run["runs"]["all"]["curve"] = [
+        {"grad_computations": n, "dev_mean": dev, "l2_from_pretrained": 0.0}
+        for n, dev in zip((0, 100, 200, 300, 400), (10.0, 80.0, 79.5, 77.0, 79.2), strict=True)
+    ]
+    (results / "g" / "sequential_seed0.json").write_text(json.dumps(run))
+    assert Q.plateau(run) == {
+        "best_dev": 80.0, "best_dev_at": 100, "stays_from": 400, "fall_after_best": 3.0,
+        "best_first_half": 80.0, "best_second_half": 79.2,
+    }  # fmt: skip
+    assert Q.value("g/sequential_seed0/stays_from", results) == "400"
+    assert Q.value("g/sequential/fall_after_best/max", results) == "3.0"
+    assert Q.value("g/sequential_seed0/best_second_half", results) == "79.2"
+    table = W.plateau_table([run])
+    assert table.splitlines()[-1] == "| Sequential | 0 | 80.0 | 100 | 400 | 3.0 | 80.0 / 79.2 |"

@@ -17,7 +17,9 @@ KEY is ``GROUP/SELECTION/QUANTITY[/STATISTIC]``:
   or ``end``: the mean F1 over the split's languages (or LANG's), ``:truncated`` the F1 of
   the same predictions under the scoring before issue 17; ``cosine_from:N``: the mean
   task-gradient cosine of the curve points at N computations or more; ``dev@N``: mean dev
-  F1 at N computations; ``wall_hours``: the run's wall time; ``lr``: its learning rate;
+  F1 at N computations; ``stays_from``, ``fall_after_best``, ``best_first_half``,
+  ``best_second_half``: the shape of the dev curve (:func:`plateau`); ``wall_hours``: the
+  run's wall time; ``lr``: its learning rate;
   for a pair only, ``cosine_wins_from:N``: at how many of the evaluation points at N
   computations or more (over all paired seeds) A's task-gradient cosine is above B's, and
   ``matched:WHAT``, A's minus B's WHAT at matched dev F1 (per seed, where each curve first
@@ -157,6 +159,32 @@ def at_matched_dev(a: Run, b: Run, *gets: Callable[[Point], float]) -> list[tupl
     ]  # fmt: skip
 
 
+def plateau(run: Run) -> dict[str, float]:
+    """Of a run's one-model curve of mean dev F1: ``best_dev``; ``stays_from``, the
+    computations from which the curve stays within 1 F1 of its best; ``fall_after_best``, its
+    largest fall after the best point; ``best_first_half`` and ``best_second_half``, the best
+    dev F1 of each half of the budget."""
+    curve = one_model_curve(run)
+    dev = [p["dev_mean"] for p in curve]
+    at = [p["grad_computations"] for p in curve]
+    best = max(range(len(dev)), key=lambda i: dev[i])
+    start = len(dev) - 1
+    while start > 0 and dev[start - 1] >= dev[best] - 1:
+        start -= 1
+    half = run["config"]["budget"] / 2
+    return {
+        "best_dev": dev[best],
+        "best_dev_at": at[best],
+        "stays_from": at[start],
+        "fall_after_best": dev[best] - min(dev[best:]),
+        "best_first_half": max(d for d, x in zip(dev, at, strict=True) if x <= half),
+        "best_second_half": max(d for d, x in zip(dev, at, strict=True) if x > half),
+    }
+
+
+PLATEAU_FIELDS = {"stays_from", "fall_after_best", "best_first_half", "best_second_half"}
+
+
 def matched_value(a: Run, b: Run, quantity: str) -> float:
     """A's minus B's ``matched:WHAT`` (module docstring) at matched dev F1."""
     what, _, lang = quantity.removeprefix("matched:").partition(":")
@@ -204,6 +232,8 @@ def run_value(run: Run, quantity: str) -> float:
     elif quantity.startswith("dev@"):
         at = int(quantity[4:])
         found = next((p["dev_mean"] for p in curve if p["grad_computations"] == at), None)
+    elif quantity in PLATEAU_FIELDS:
+        found = plateau(run)[quantity]
     elif quantity == "lr":
         found = run["config"]["lr"]
     elif quantity == "wall_hours":
@@ -215,7 +245,7 @@ def run_value(run: Run, quantity: str) -> float:
 
 
 def _digits(quantity: str) -> int:
-    if quantity.endswith("_at") or quantity == "matched:computations":
+    if quantity.endswith("_at") or quantity in ("matched:computations", "stays_from"):
         return 0
     if quantity.startswith(("cosine", "mean_task_grad_cosine", "seconds")):
         return 3

@@ -64,6 +64,7 @@ from benchmarks.nlp.quoted import (
     matched_level,
     one_model_curve,
     paired_seeds,
+    plateau,
     seed_interval,
     zero_shot_langs,
 )
@@ -335,20 +336,12 @@ def plateau_table(runs: list[Run]) -> str:
     for r in sorted(runs, key=lambda r: (order.index(r["config"]["method"]), r["config"]["seed"])):
         if "all" not in r["runs"]:
             continue
-        curve = one_model_curve(r)
-        dev = [p["dev_mean"] for p in curve]
-        at = [p["grad_computations"] for p in curve]
-        best = max(range(len(dev)), key=lambda i: dev[i])
-        start = len(dev) - 1
-        while start > 0 and dev[start - 1] >= dev[best] - 1:
-            start -= 1
-        fall = dev[best] - min(dev[best:])
-        half = r["config"]["budget"] / 2
-        first = max(d for d, x in zip(dev, at, strict=True) if x <= half)
-        second = max(d for d, x in zip(dev, at, strict=True) if x > half)
+        shape = plateau(r)
         lines.append(
-            f"| {report.label(r['config'])} | {r['config']['seed']} | {dev[best]:.1f} | "
-            f"{at[best]} | {at[start]} | {fall:.1f} | {first:.1f} / {second:.1f} |"
+            f"| {report.label(r['config'])} | {r['config']['seed']} | {shape['best_dev']:.1f} | "
+            f"{shape['best_dev_at']:.0f} | {shape['stays_from']:.0f} | "
+            f"{shape['fall_after_best']:.1f} | {shape['best_first_half']:.1f} / "
+            f"{shape['best_second_half']:.1f} |"
         )
     return "\n".join(lines)
 
