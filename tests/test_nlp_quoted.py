@@ -222,10 +222,21 @@ def test_the_shape_of_a_dev_curve(results: Path) -> None:
     (results / "g" / "sequential_seed0.json").write_text(json.dumps(run))
     assert Q.plateau(run) == {
         "best_dev": 80.0, "best_dev_at": 100, "stays_from": 400, "fall_after_best": 3.0,
-        "best_first_half": 80.0, "best_second_half": 79.2,
+        "end_below_best": pytest.approx(0.8), "best_first_half": 80.0, "best_second_half": 79.2,
     }  # fmt: skip
     assert Q.value("g/sequential_seed0/stays_from", results) == "400"
     assert Q.value("g/sequential/fall_after_best/max", results) == "3.0"
     assert Q.value("g/sequential_seed0/best_second_half", results) == "79.2"
     table = W.plateau_table([run])
     assert table.splitlines()[-1] == "| Sequential | 0 | 80.0 | 100 | 400 | 3.0 | 80.0 / 79.2 |"
+
+
+def test_a_curve_that_ends_more_than_1_f1_below_its_best(results: Path) -> None:
+    run = _run("sequential", 0, 80.0)
+    run["runs"]["all"]["curve"][-1]["dev_mean"] = 30.0  # the best is at 100 computations: 40
+    assert Q.plateau(run)["stays_from"] is None
+    assert Q.plateau(run)["end_below_best"] == 10.0
+    assert "| 40.0 | 100 | – (ends lower) | 10.0 |" in W.plateau_table([run])
+    (results / "g" / "sequential_seed0.json").write_text(json.dumps(run))
+    with pytest.raises(KeyError, match="stays_from"):
+        Q.value("g/sequential_seed0/stays_from", results)

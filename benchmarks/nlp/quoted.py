@@ -17,8 +17,8 @@ KEY is ``GROUP/SELECTION/QUANTITY[/STATISTIC]``:
   or ``end``: the mean F1 over the split's languages (or LANG's), ``:truncated`` the F1 of
   the same predictions under the scoring before issue 17; ``cosine_from:N``: the mean
   task-gradient cosine of the curve points at N computations or more; ``dev@N``: mean dev
-  F1 at N computations; ``stays_from``, ``fall_after_best``, ``best_first_half``,
-  ``best_second_half``: the shape of the dev curve (:func:`plateau`); ``wall_hours``: the
+  F1 at N computations; ``stays_from``, ``fall_after_best``, ``end_below_best``,
+  ``best_first_half``, ``best_second_half``: the shape of the dev curve (:func:`plateau`); ``wall_hours``: the
   run's wall time; ``lr``: its learning rate;
   for a pair only, ``cosine_wins_from:N``: at how many of the evaluation points at N
   computations or more (over all paired seeds) A's task-gradient cosine is above B's, and
@@ -159,30 +159,35 @@ def at_matched_dev(a: Run, b: Run, *gets: Callable[[Point], float]) -> list[tupl
     ]  # fmt: skip
 
 
-def plateau(run: Run) -> dict[str, float]:
-    """Of a run's one-model curve of mean dev F1: ``best_dev``; ``stays_from``, the
-    computations from which the curve stays within 1 F1 of its best; ``fall_after_best``, its
-    largest fall after the best point; ``best_first_half`` and ``best_second_half``, the best
-    dev F1 of each half of the budget."""
+def plateau(run: Run) -> dict[str, float | None]:
+    """Of a run's one-model curve of mean dev F1: ``best_dev`` and ``best_dev_at``;
+    ``stays_from``, the computations from which the curve stays within 1 F1 of its best
+    (``None`` when its last point is lower); ``fall_after_best``, its largest fall after the
+    best point; ``end_below_best``, how far its last point is below the best;
+    ``best_first_half`` and ``best_second_half``, the best dev F1 of each half of the
+    budget."""
     curve = one_model_curve(run)
     dev = [p["dev_mean"] for p in curve]
     at = [p["grad_computations"] for p in curve]
     best = max(range(len(dev)), key=lambda i: dev[i])
-    start = len(dev) - 1
+    start = len(dev)
     while start > 0 and dev[start - 1] >= dev[best] - 1:
         start -= 1
     half = run["config"]["budget"] / 2
     return {
         "best_dev": dev[best],
         "best_dev_at": at[best],
-        "stays_from": at[start],
+        "stays_from": at[start] if start < len(dev) else None,
         "fall_after_best": dev[best] - min(dev[best:]),
+        "end_below_best": dev[best] - dev[-1],
         "best_first_half": max(d for d, x in zip(dev, at, strict=True) if x <= half),
         "best_second_half": max(d for d, x in zip(dev, at, strict=True) if x > half),
     }
 
 
-PLATEAU_FIELDS = {"stays_from", "fall_after_best", "best_first_half", "best_second_half"}
+PLATEAU_FIELDS = {
+    "stays_from", "fall_after_best", "end_below_best", "best_first_half", "best_second_half"
+}  # fmt: skip
 
 
 def matched_value(a: Run, b: Run, quantity: str) -> float:

@@ -337,9 +337,10 @@ def plateau_table(runs: list[Run]) -> str:
         if "all" not in r["runs"]:
             continue
         shape = plateau(r)
+        stays = "– (ends lower)" if shape["stays_from"] is None else f"{shape['stays_from']:.0f}"
         lines.append(
             f"| {report.label(r['config'])} | {r['config']['seed']} | {shape['best_dev']:.1f} | "
-            f"{shape['best_dev_at']:.0f} | {shape['stays_from']:.0f} | "
+            f"{shape['best_dev_at']:.0f} | {stays} | "
             f"{shape['fall_after_best']:.1f} | {shape['best_first_half']:.1f} / "
             f"{shape['best_second_half']:.1f} |"
         )
