@@ -18,8 +18,8 @@ KEY is ``GROUP/SELECTION/QUANTITY[/STATISTIC]``:
   the same predictions under the scoring before issue 17; ``cosine_from:N``: the mean
   task-gradient cosine of the curve points at N computations or more; ``dev@N``: mean dev
   F1 at N computations; ``stays_from``, ``fall_after_best``, ``end_below_best``,
-  ``best_first_half``, ``best_second_half``: the shape of the dev curve (:func:`plateau`); ``wall_hours``: the
-  run's wall time; ``lr``: its learning rate;
+  ``best_first_half``, ``best_second_half``: the shape of the dev curve (:func:`plateau`);
+  ``wall_hours``: the run's wall time; ``lr``: its learning rate;
   for a pair only, ``cosine_wins_from:N``: at how many of the evaluation points at N
   computations or more (over all paired seeds) A's task-gradient cosine is above B's, and
   ``matched:WHAT``, A's minus B's WHAT at matched dev F1 (per seed, where each curve first

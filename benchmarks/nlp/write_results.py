@@ -283,7 +283,7 @@ def matched_table(runs: list[Run], pair: Pair) -> str:
     for seed, ra, rb in seeds:
         level = matched_level(ra, rb)
         langs = zero_shot_langs(ra, rb)
-        groups = [langs, *([lang] for lang in langs)] if langs else []
+        groups = [] if langs is None else [langs, *([lang] for lang in langs)]
         zero_shot = [partial(mean_zero_shot, langs=group, metric=metric) for group in groups]
         steps, l2, *zs = at_matched_dev(
             ra, rb, lambda p: p["grad_computations"], lambda p: p["l2_from_pretrained"], *zero_shot
