@@ -131,6 +131,26 @@ def test_the_matched_table_and_the_prose_agree(results: Path) -> None:
     assert f"| mean difference (95% CI over seeds) | | | {l2} [" in table
 
 
+def test_a_run_that_never_rose_has_no_match(results: Path) -> None:
+    """SeqReptile seed 2 collapsed: its dev F1 stays at its first point, so the highest level
+    both curves reach is where both start; that seed is left out of the matched values and
+    marked in the table, while the best-dev difference keeps it."""
+    flat = _run("seqreptile", 2, 0.0)
+    for p in flat["runs"]["all"]["curve"]:
+        p["dev_mean"] = 0.9
+    (results / "g" / "seqreptile_seed2.json").write_text(json.dumps(flat))
+    runs = list(Q.load_runs(results / "g").values())
+    assert Q.never_rose(flat) and not Q.never_rose(runs[0])
+    assert Q.value("g/seqreptile-mtl/matched:l2/seeds", results) == "0, 1"
+    assert Q.value("g/seqreptile-mtl/best_dev/seeds", results) == "0, 1, 2"
+    table = W.matched_table(runs, ("seqreptile", "mtl"))
+    assert "| 2 | – (no match: Seq.Reptile never rose above its first evaluation) |" in table
+    l2 = Q.value("g/seqreptile-mtl/matched:l2", results)
+    assert f"| mean difference (95% CI over seeds) | | | {l2} [" in table
+    earlier = [200 * mtl / seq - 200 for mtl, seq in ((60.0, 70.0), (64.0, 71.0))]
+    assert l2 == f"{statistics.fmean(earlier) / 100:+.2f}"  # seeds 0 and 1 only
+
+
 def test_fill_values_uses_the_runs_it_is_given(results: Path) -> None:
     """Runs already loaded are not read again (group ``x`` has no folder)."""
     page = "<!-- v:x/mtl/best_dev -->?<!-- /v -->"

@@ -23,8 +23,9 @@ KEY is ``GROUP/SELECTION/QUANTITY[/STATISTIC]``:
   for a pair only, ``cosine_wins_from:N``: at how many of the evaluation points at N
   computations or more (over all paired seeds) A's task-gradient cosine is above B's, and
   ``matched:WHAT``, A's minus B's WHAT at matched dev F1 (per seed, where each curve first
-  reaches the highest mean dev F1 both reach, interpolated): ``l2`` (from the pretrained
-  encoder), ``computations``, ``zero_shot[:LANG]`` (runs with ``--curve-zero-shot``);
+  reaches the highest mean dev F1 both reach, interpolated; a seed where either run never
+  rose above its first evaluation is left out): ``l2`` (from the pretrained encoder),
+  ``computations``, ``zero_shot[:LANG]`` (runs with ``--curve-zero-shot``);
 * STATISTIC over the selected runs: ``mean`` (the default), ``pm`` (mean ± std), ``min``,
   ``max``, ``sum``, ``n`` (how many runs), ``ci`` (95 % t interval of the mean, over
   seeds), ``seeds``.
@@ -138,6 +139,13 @@ def zero_shot_langs(a: Run, b: Run) -> list[str] | None:
 def matched_level(a: Run, b: Run) -> float:
     """The highest mean dev F1 both runs' curves reach: the lower of their two best."""
     return min(max(p["dev_mean"] for p in one_model_curve(r)) for r in (a, b))
+
+
+def never_rose(run: Run) -> bool:
+    """Whether a run's dev F1 never rose above its first evaluation (a run that collapsed
+    from the start): matched with it, the other run would be compared at its own start."""
+    dev = [p["dev_mean"] for p in one_model_curve(run)]
+    return max(dev) <= dev[0]
 
 
 def at_matched_dev(a: Run, b: Run, *gets: Callable[[Point], float]) -> list[tuple[float, float]]:
@@ -274,7 +282,8 @@ def value(key: str, results: Path, cache: Loaded | None = None) -> str:
         matched = paired_seeds(list(runs.values()), (first, second))
         if quantity.startswith("cosine_wins_from:") and matched:
             return cosine_wins(matched, int(quantity.split(":")[1]))
-        if quantity.startswith("matched:"):
+        if quantity.startswith("matched:"):  # a run that never rose has no match
+            matched = [(s, a, b) for s, a, b in matched if not (never_rose(a) or never_rose(b))]
             values = [matched_value(a, b, quantity) for _, a, b in matched]
         else:
             values = [run_value(a, quantity) - run_value(b, quantity) for _, a, b in matched]

@@ -26,7 +26,8 @@ Tables, for each campaign group ``G`` of :data:`GROUPS` (folder ``<results>/G``)
   F1 both curves reach (the lower of their two best), the first point at which each curve
   reaches it (linear interpolation between evaluation points), and there the l2 distance
   from the pretrained encoder and the zero-shot F1 (only for runs made with
-  ``--curve-zero-shot``);
+  ``--curve-zero-shot``); a seed where a run never rose above its first evaluation (it
+  collapsed) has no match and is left out of the mean;
 * ``G-plateau``: per run, the best dev F1, from which point on the curve stays within 1 F1
   of it, its largest fall after the best point, and the best dev F1 of each half;
 * ``G-rescoring``: how far scoring every word moved F1 from the old scoring of the same
@@ -62,6 +63,7 @@ from benchmarks.nlp.quoted import (
     format_interval,
     load_runs,
     matched_level,
+    never_rose,
     one_model_curve,
     paired_seeds,
     plateau,
@@ -281,6 +283,10 @@ def matched_table(runs: list[Run], pair: Pair) -> str:
     zs_diffs: list[float] = []
     per_lang: dict[str, list[float]] = {}
     for seed, ra, rb in seeds:
+        if flat := [_name(m) for m, r in zip(pair, (ra, rb), strict=True) if never_rose(r)]:
+            lines.append(f"| {seed} | – (no match: {' and '.join(flat)} never rose above its "
+                         "first evaluation) | | | | |")  # fmt: skip
+            continue
         level = matched_level(ra, rb)
         langs = zero_shot_langs(ra, rb)
         groups = [] if langs is None else [langs, *([lang] for lang in langs)]
@@ -300,7 +306,9 @@ def matched_table(runs: list[Run], pair: Pair) -> str:
             f"| {seed} | {level:.1f} | {steps[0]:.0f} / {steps[1]:.0f} | "
             f"{l2[0]:.2f} / {l2[1]:.2f} | {zs_text} | {diff_text} |"
         )
-    complete = len(zs_diffs) == len(seeds)
+    if not l2_diffs:
+        return "\n".join(lines)
+    complete = len(zs_diffs) == len(l2_diffs)
     zs_mean = (
         f"{_signed(statistics.fmean(zs_diffs))} {seed_interval(zs_diffs)}"
         if complete
@@ -314,7 +322,8 @@ def matched_table(runs: list[Run], pair: Pair) -> str:
         lines += [
             "",
             "Zero-shot F1 at matched dev F1: unavailable, these runs did not score the "
-            "zero-shot sets along the curve (`--curve-zero-shot`, from issue 17 on).",
+            "zero-shot sets along the curve (the runner's `--curve-zero-shot`; the "
+            "`long_seeds` runs did).",
         ]
         return "\n".join(lines)
     lines += ["", "| zero-shot language | difference at matched dev F1 | 95% CI over seeds |"]
