@@ -251,6 +251,19 @@ def test_the_shape_of_a_dev_curve(results: Path) -> None:
     assert table.splitlines()[-1] == "| Sequential | 0 | 80.0 | 100 | 400 | 3.0 | 80.0 / 79.2 |"
 
 
+def test_the_shape_of_one_languages_dev_curve(results: Path) -> None:
+    """``FIELD:LANG`` reads LANG's own dev F1: yor falls after its best while the mean rises."""
+    run = _run("mtl", 0, 80.0)
+    for p, yor in zip(run["runs"]["all"]["curve"], (10.0, 60.0, 57.5), strict=True):
+        p["dev"] = {"yor": {"f1": yor}, "swa": {"f1": p["dev_mean"]}}
+    (results / "g" / "mtl_seed0.json").write_text(json.dumps(run))
+    assert Q.value("g/mtl_seed0/end_below_best", results) == "0.0"
+    assert Q.value("g/mtl_seed0/end_below_best:yor", results) == "2.5"
+    assert Q.value("g/mtl_seed0/best_second_half:swa", results) == "80.0"
+    with pytest.raises(KeyError, match="no dev language 'amh'"):
+        Q.value("g/mtl_seed0/end_below_best:amh", results)
+
+
 def test_a_curve_that_ends_more_than_1_f1_below_its_best(results: Path) -> None:
     run = _run("sequential", 0, 80.0)
     run["runs"]["all"]["curve"][-1]["dev_mean"] = 30.0  # the best is at 100 computations: 40

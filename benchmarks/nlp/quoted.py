@@ -18,7 +18,8 @@ KEY is ``GROUP/SELECTION/QUANTITY[/STATISTIC]``:
   the same predictions under the scoring before issue 17; ``cosine_from:N``: the mean
   task-gradient cosine of the curve points at N computations or more; ``dev@N``: mean dev
   F1 at N computations; ``stays_from``, ``fall_after_best``, ``end_below_best``,
-  ``best_first_half``, ``best_second_half``: the shape of the dev curve (:func:`plateau`);
+  ``best_first_half``, ``best_second_half``: the shape of the dev curve (:func:`plateau`;
+  ``FIELD:LANG``: of LANG's dev F1);
   ``wall_hours``: the run's wall time; ``lr``: its learning rate;
   for a pair only, ``cosine_wins_from:N``: at how many of the evaluation points at N
   computations or more (over all paired seeds) A's task-gradient cosine is above B's, and
@@ -167,15 +168,17 @@ def at_matched_dev(a: Run, b: Run, *gets: Callable[[Point], float]) -> list[tupl
     ]  # fmt: skip
 
 
-def plateau(run: Run) -> dict[str, float | None]:
-    """Of a run's one-model curve of mean dev F1: ``best_dev`` and ``best_dev_at``;
+def plateau(run: Run, lang: str | None = None) -> dict[str, float | None]:
+    """Of a run's one-model curve of mean dev F1 (of ``lang``'s dev F1, if given):
+    ``best_dev`` and ``best_dev_at``;
     ``stays_from``, the computations from which the curve stays within 1 F1 of its best
     (``None`` when its last point is lower); ``fall_after_best``, its largest fall after the
     best point; ``end_below_best``, how far its last point is below the best;
     ``best_first_half`` and ``best_second_half``, the best dev F1 of each half of the
     budget."""
     curve = one_model_curve(run)
-    dev = [p["dev_mean"] for p in curve]
+    metric = main_metric(run["config"]["kind"])
+    dev = [p["dev"][lang][metric] if lang else p["dev_mean"] for p in curve]
     at = [p["grad_computations"] for p in curve]
     best = max(range(len(dev)), key=lambda i: dev[i])
     start = len(dev)
@@ -245,8 +248,11 @@ def run_value(run: Run, quantity: str) -> float:
     elif quantity.startswith("dev@"):
         at = int(quantity[4:])
         found = next((p["dev_mean"] for p in curve if p["grad_computations"] == at), None)
-    elif quantity in PLATEAU_FIELDS:
-        found = plateau(run)[quantity]
+    elif (field := quantity.partition(":"))[0] in PLATEAU_FIELDS:
+        name, _, lang = field
+        if lang and not all(lang in p["dev"] for p in one_model_curve(run)):
+            raise KeyError(f"quantity {quantity!r}: no dev language {lang!r} in {run['config']}")
+        found = plateau(run, lang or None)[name]
     elif quantity == "lr":
         found = run["config"]["lr"]
     elif quantity == "wall_hours":
